@@ -1,0 +1,12 @@
+"""jaxdit: a Sora-style text-to-video Diffusion Transformer in JAX and Flax NNX.
+
+Axis alphabet used in shape comments throughout: B batch, T frames, H height, W width,
+C channels, N tokens, D model width, K heads, L text tokens, E text width.
+Importing jaxdit stays light: video and data libraries are imported where they are used.
+"""
+
+from jaxdit.config import VARIANTS, Config, ModelConfig, load_config
+from jaxdit.model import VideoDiT
+
+__all__ = ["VARIANTS", "Config", "ModelConfig", "VideoDiT", "load_config"]
+__version__ = "0.1.0"

@@ -1,0 +1,119 @@
+"""The DiT block with adaLN-Zero conditioning, and the final layer.
+
+Axes: B batch, N video tokens, L text tokens, D model width, E text width, K heads, Dh head width.
+"""
+
+import einops
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxdit.attention import attention
+
+_NORM_EPS = 1e-6  # DiT's LayerNorm epsilon
+
+xavier = nnx.initializers.xavier_uniform()
+zeros = nnx.initializers.zeros_init()
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    """(B, N, D) tokens, (B, D) shift and scale -> x * (1 + scale) + shift, per sample."""
+    return x * (1 + scale[:, None]) + shift[:, None]  # (B, N, D)
+
+
+def layer_norm(width: int, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """LayerNorm without scale and bias: adaLN supplies them from the condition."""
+    return nnx.LayerNorm(width, epsilon=_NORM_EPS, use_bias=False, use_scale=False, dtype=dtype, rngs=rngs)
+
+
+class SelfAttention(nnx.Module):
+    """Multi-head self-attention over all space-time tokens."""
+
+    def __init__(self, width: int, heads: int, *, implementation: str, dtype, rngs: nnx.Rngs):
+        self.heads, self.implementation = heads, implementation
+        self.qkv = nnx.Linear(width, 3 * width, kernel_init=xavier, dtype=dtype, rngs=rngs)
+        self.proj = nnx.Linear(width, width, kernel_init=xavier, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        qkv = einops.rearrange(self.qkv(x), "b n (three k h) -> three b n k h", three=3, k=self.heads)  # 3x(B, N, K, Dh)
+        out = attention(*qkv, implementation=self.implementation)  # (B, N, K, Dh)
+        return self.proj(einops.rearrange(out, "b n k h -> b n (k h)"))  # (B, N, D)
+
+
+class CrossAttention(nnx.Module):
+    """Video tokens attend to the valid text tokens."""
+
+    def __init__(self, width: int, heads: int, text_dim: int, *, implementation: str, dtype, rngs: nnx.Rngs):
+        self.heads, self.implementation = heads, implementation
+        self.q = nnx.Linear(width, width, kernel_init=xavier, dtype=dtype, rngs=rngs)
+        self.kv = nnx.Linear(text_dim, 2 * width, kernel_init=xavier, dtype=dtype, rngs=rngs)
+        self.proj = nnx.Linear(width, width, kernel_init=xavier, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, text: jax.Array, text_mask: jax.Array) -> jax.Array:
+        q = einops.rearrange(self.q(x), "b n (k h) -> b n k h", k=self.heads)  # (B, N, K, Dh)
+        k, v = einops.rearrange(self.kv(text), "b l (two k h) -> two b l k h", two=2, k=self.heads)  # 2x(B, L, K, Dh)
+        out = attention(q, k, v, mask=text_mask, implementation=self.implementation)  # (B, N, K, Dh)
+        return self.proj(einops.rearrange(out, "b n k h -> b n (k h)"))  # (B, N, D)
+
+
+class Mlp(nnx.Module):
+    """The pointwise MLP: Linear -> GELU(tanh) -> Linear."""
+
+    def __init__(self, width: int, hidden: int, *, dtype, rngs: nnx.Rngs):
+        self.fc1 = nnx.Linear(width, hidden, kernel_init=xavier, dtype=dtype, rngs=rngs)
+        self.fc2 = nnx.Linear(hidden, width, kernel_init=xavier, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(nnx.gelu(self.fc1(x), approximate=True))  # (B, N, D)
+
+
+class DiTBlock(nnx.Module):
+    """adaLN-Zero block: x + gate * sublayer(modulate(norm(x), shift, scale)) for each sublayer.
+
+    The condition c gives a (shift, scale, gate) triple per sublayer: self-attention, the MLP
+    and, with `text_dim > 0`, cross-attention to the text tokens (its triple comes last, so the
+    first six chunks keep DiT's layout).
+    """
+
+    def __init__(
+        self, width: int, heads: int, mlp_ratio: float, *, text_dim: int = 0, attention: str = "auto",
+        dtype=jnp.float32, rngs: nnx.Rngs,
+    ):
+        self.norm1 = layer_norm(width, dtype, rngs)
+        self.attn = SelfAttention(width, heads, implementation=attention, dtype=dtype, rngs=rngs)
+        self.norm2 = layer_norm(width, dtype, rngs)
+        self.mlp = Mlp(width, int(width * mlp_ratio), dtype=dtype, rngs=rngs)
+        if text_dim:
+            self.norm_cross = layer_norm(width, dtype, rngs)
+            self.cross = CrossAttention(width, heads, text_dim, implementation=attention, dtype=dtype, rngs=rngs)
+        else:
+            self.cross = None
+        # adaLN-Zero: the modulation starts at zero, so every gate is 0 and the block starts as the identity.
+        chunks = 9 if text_dim else 6
+        self.modulation = nnx.Linear(width, chunks * width, kernel_init=zeros, dtype=dtype, rngs=rngs)
+
+    def __call__(
+        self, x: jax.Array, c: jax.Array, text: jax.Array | None = None, text_mask: jax.Array | None = None
+    ) -> jax.Array:
+        mods = jnp.split(self.modulation(nnx.silu(c)), 9 if self.cross is not None else 6, axis=-1)  # each (B, D)
+        shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp = mods[:6]
+        x = x + gate_attn[:, None] * self.attn(modulate(self.norm1(x), shift_attn, scale_attn))  # (B, N, D)
+        if self.cross is not None:
+            shift_cross, scale_cross, gate_cross = mods[6:]
+            h = modulate(self.norm_cross(x), shift_cross, scale_cross)  # (B, N, D)
+            x = x + gate_cross[:, None] * self.cross(h, text, text_mask)  # (B, N, D)
+        return x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (B, N, D)
+
+
+class FinalLayer(nnx.Module):
+    """adaLN shift/scale, then a linear map of each token to its patch of predictions."""
+
+    def __init__(self, width: int, out_dim: int, *, dtype, rngs: nnx.Rngs):
+        self.norm = layer_norm(width, dtype, rngs)
+        # Zero-initialised, with the modulation: the model predicts exactly 0 at initialisation.
+        self.modulation = nnx.Linear(width, 2 * width, kernel_init=zeros, dtype=dtype, rngs=rngs)
+        self.linear = nnx.Linear(width, out_dim, kernel_init=zeros, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+        shift, scale = jnp.split(self.modulation(nnx.silu(c)), 2, axis=-1)  # each (B, D)
+        return self.linear(modulate(self.norm(x), shift, scale))  # (B, N, out_dim)

@@ -1,0 +1,127 @@
+"""VideoDiT: the spacetime Diffusion Transformer.
+
+Axes: B batch, T frames, H height, W width, C latent channels, N tokens, D model width,
+L text tokens, E text width, P = pt*ph*pw*C patch features.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxdit.blocks import DiTBlock, FinalLayer
+from jaxdit.config import ModelConfig
+from jaxdit.embed import LabelEmbedder, PooledTextEmbedder, TimestepEmbedder
+from jaxdit.patch import grid_shape, patchify, sincos_3d, unpatchify
+
+_REMAT_POLICIES = {
+    "full": None,  # keep only the block's inputs; recompute the rest in the backward pass
+    # Keep the outputs of the linear layers, recompute attention scores and activations.
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class VideoDiT(nnx.Module):
+    """Predicts the noise in noised latents x_t at step t, conditioned on text and/or a class.
+
+    patchify -> linear patch embedding (a Conv3d with stride = kernel = patch) + fixed 3-D
+    positions -> blocks (adaLN-Zero on c = t_embed + label_embed + pooled_text) -> final layer
+    -> unpatchify. Parameters are float32; computation runs in `config.dtype`.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        width, dtype = config.width, jnp.dtype(config.dtype)
+        patch_dim = math.prod(config.patch)
+        self.patch_embed = nnx.Linear(
+            patch_dim * config.in_channels, width, kernel_init=nnx.initializers.xavier_uniform(), dtype=dtype, rngs=rngs
+        )
+        self.t_embed = TimestepEmbedder(width, config.frequency_dim, dtype=dtype, rngs=rngs)
+        self.label_embed = (
+            LabelEmbedder(config.num_classes, width, config.class_dropout_prob, rngs=rngs) if config.num_classes else None
+        )
+        self.text_embed = PooledTextEmbedder(config.text_dim, width, dtype=dtype, rngs=rngs) if config.has_text else None
+        cross_dim = config.text_dim if config.cross_attention else 0
+        self.blocks = nnx.List(
+            DiTBlock(
+                width, config.heads, config.mlp_ratio, text_dim=cross_dim, attention=config.attention, dtype=dtype,
+                rngs=rngs,
+            )
+            for _ in range(config.depth)
+        )
+        self.final = FinalLayer(width, patch_dim * config.out_channels, dtype=dtype, rngs=rngs)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        t: jax.Array,
+        *,
+        text: jax.Array | None = None,
+        text_mask: jax.Array | None = None,
+        label: jax.Array | None = None,
+        train: bool = False,
+    ) -> jax.Array:
+        """x (B, T, H, W, C) latents, t (B,) steps, text (B, L, E), text_mask (B, L) bool, label (B,) int.
+
+        Returns (B, T, H, W, C) float32 predicted noise, or (B, T, H, W, 2C) with `learn_sigma`
+        (noise first, then the variance interpolation values).
+        """
+        cfg = self.config
+        text_mask = self._check_inputs(x, t, text, text_mask, label)
+        grid = grid_shape(x.shape, cfg.patch)  # (T', H', W')
+        dtype = jnp.dtype(cfg.dtype)
+
+        tokens = self.patch_embed(patchify(x.astype(dtype), cfg.patch))  # (B, N, D)
+        tokens = tokens + jnp.asarray(sincos_3d(cfg.width, grid), dtype)  # (B, N, D)
+
+        c = self.t_embed(t)  # (B, D)
+        if self.label_embed is not None:
+            c = c + self.label_embed(label, train=train)  # (B, D)
+        if self.text_embed is not None:
+            c = c + self.text_embed(text, text_mask)  # (B, D)
+
+        cross_text = (text, text_mask) if cfg.has_text and cfg.cross_attention else (None, None)
+        for block in self.blocks:
+            tokens = self._run_block(block, tokens, c, *cross_text)  # (B, N, D)
+
+        out = self.final(tokens, c)  # (B, N, P_out)
+        return unpatchify(out.astype(jnp.float32), cfg.patch, grid)  # (B, T, H, W, C_out)
+
+    def _run_block(self, block, tokens, c, text, text_mask):
+        if self.config.remat == "none":
+            return block(tokens, c, text, text_mask)
+        policy = _REMAT_POLICIES[self.config.remat]
+        return nnx.remat(lambda blk, *args: blk(*args), policy=policy)(block, tokens, c, text, text_mask)
+
+    def _check_inputs(self, x, t, text, text_mask, label):
+        """Shape and presence checks with messages that say what to pass; returns the text mask."""
+        cfg = self.config
+        if x.ndim != 5 or x.shape[-1] != cfg.in_channels:
+            raise ValueError(
+                f"x must be latents (B, T, H, W, {cfg.in_channels}) (model.in_channels={cfg.in_channels}), "
+                f"got shape {tuple(x.shape)}."
+            )
+        batch = x.shape[0]
+        if t.shape != (batch,):
+            raise ValueError(f"t must hold one diffusion step per sample, shape ({batch},); got {tuple(t.shape)}.")
+        if cfg.num_classes and label is None:
+            raise ValueError(f"this model is class-conditional ({cfg.num_classes} classes): pass label=(B,) ints.")
+        if not cfg.num_classes and label is not None:
+            raise ValueError("label was given but the model has no class embedding (model.num_classes=0).")
+        if label is not None and label.shape != (batch,):
+            raise ValueError(f"label must have shape ({batch},), got {tuple(label.shape)}.")
+        if not cfg.has_text:
+            if text is not None or text_mask is not None:
+                raise ValueError("text was given but the model has no text conditioning (model.text_dim=0).")
+            return None
+        if text is None or text.ndim != 3 or text.shape[0] != batch or text.shape[2] != cfg.text_dim:
+            raise ValueError(
+                f"this model is text-conditioned: pass text=(B, L, {cfg.text_dim}) token features "
+                f"(model.text_dim={cfg.text_dim}); got {None if text is None else tuple(text.shape)}."
+            )
+        if text_mask is None:
+            return jnp.ones(text.shape[:2], dtype=bool)
+        if text_mask.shape != text.shape[:2]:
+            raise ValueError(f"text_mask must have shape {tuple(text.shape[:2])}, got {tuple(text_mask.shape)}.")
+        return text_mask.astype(bool)
