@@ -223,3 +223,14 @@ def test_data_parallel_forward_over_eight_devices():
     out = forward(state, *sharded)
     assert out.sharding.spec[0] == "data"
     chex.assert_trees_all_close(out, pure_forward(model)(x, t, **cond), rtol=1e-4, atol=1e-4)
+
+
+def test_one_model_runs_at_other_resolutions_and_durations():
+    config = tiny_config(**CONDITIONINGS["text"])
+    forward = pure_forward(randomized(jaxdit.VideoDiT(config, rngs=nnx.Rngs(0))))
+    _, t, cond = inputs(config)
+    for frames, height, width in [(2, 8, 8), (4, 8, 12), (8, 16, 4)]:
+        x = jax.random.normal(jax.random.key(frames), (2, frames, height, width, config.in_channels))
+        out = forward(x, t, **cond)
+        chex.assert_shape(out, x.shape)
+        chex.assert_tree_all_finite(out)
