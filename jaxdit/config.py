@@ -22,6 +22,7 @@ VARIANTS = {
 }
 
 DTYPES = ("float32", "bfloat16", "float16")
+DATA_SOURCES = ("shapes", "folder")  # the built-in moving shapes, or videos listed in a manifest
 # "auto": cuDNN flash attention on GPU with 16-bit compute, XLA everywhere else.
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 # What a block keeps for the backward pass: everything, nothing (recompute the block),
@@ -117,11 +118,58 @@ class ModelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where clips come from and how they are cut, captioned and batched."""
+
+    source: str = "shapes"  # one of DATA_SOURCES
+    manifest: str = ""  # source="folder": a CSV or JSONL with `path` and `text` columns
+    num_frames: int = 16
+    size: int = 32  # frames are size x size pixels (folder videos: short side resized, centre-cropped)
+    max_objects: int = 1  # source="shapes": up to this many shapes per clip
+    frame_stride: int = 1  # source="folder": take every k-th frame ...
+    fps: float = 0.0  # ... or resample to this frame rate (0: use frame_stride)
+    caption_dropout: float = 0.1  # captions replaced by the empty caption, for classifier-free guidance
+    seed: int = 0  # the shapes drawn and the shuffle order
+    shuffle: bool = True
+    num_workers: int = 0  # decoding processes; 0 decodes in the training process
+    prefetch: int = 2  # batches read ahead
+
+    def __post_init__(self):
+        _check_choice("data.source", self.source, DATA_SOURCES)
+        if self.source == "folder" and not self.manifest:
+            raise ValueError("data.source='folder' needs data.manifest: a CSV or JSONL with path and text columns.")
+        for name, low in (("num_frames", 1), ("size", 1), ("max_objects", 1), ("frame_stride", 1),
+                          ("num_workers", 0), ("prefetch", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"data.{name} must be at least {low}, got {getattr(self, name)}.")
+        if self.fps < 0:
+            raise ValueError(f"data.fps must be >= 0 (0: use data.frame_stride), got {self.fps}.")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ValueError(f"data.caption_dropout must be in [0, 1), got {self.caption_dropout}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    """The byte tokenizer and the trainable text encoder (its width is model.text_dim)."""
+
+    max_length: int = 128  # tokens, BOS and EOS included: three moving-shapes objects fit
+    depth: int = 2
+    heads: int = 4
+
+    def __post_init__(self):
+        for name, low in (("max_length", 3), ("depth", 1), ("heads", 1)):
+            if getattr(self, name) < low:
+                raise ValueError(f"text.{name} must be at least {low}, got {getattr(self, name)}.")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
-    """Everything a run needs. Later sections (data, train, sample) join as they are built."""
+    """Everything a run needs. Later sections (train, sample) join as they are built."""
 
     name: str = "default"
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    text: TextConfig = dataclasses.field(default_factory=TextConfig)
 
 
 def load_config(path: str | pathlib.Path) -> Config:

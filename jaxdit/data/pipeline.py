@@ -1,0 +1,96 @@
+"""The input pipeline on grain: a random-access source -> shuffle -> per-process shard ->
+caption dropout and tokenisation -> batches -> prefetch (in worker processes when asked).
+
+A batch is {"video": uint8 (B, T, H, W, 3), "text_tokens": int32 (B, L), "text_mask": bool (B, L)}
+(plus "label" (B,) when the source has class labels), B being this process's share of the
+global batch. The iterator's state (`get_state` / `set_state`) is small and exact: a restored
+iterator yields the same next batch, so training resumes mid-epoch.
+"""
+
+import logging
+
+import grain
+import numpy as np
+
+from jaxdit.config import Config, DataConfig
+from jaxdit.text import ByteTokenizer
+
+log = logging.getLogger(__name__)
+
+_READ_THREADS = 2  # threads decoding clips when there are no worker processes
+
+
+def make_source(data: DataConfig):
+    """The random-access clip source the config names: `source[i] -> {"video", "caption"}`."""
+    if data.source == "shapes":
+        from jaxdit.data.shapes import ShapesDataset
+
+        return ShapesDataset(num_frames=data.num_frames, size=data.size, seed=data.seed, max_objects=data.max_objects)
+    from jaxdit.data.video_folder import VideoFolder
+
+    folder = VideoFolder(
+        data.manifest, num_frames=data.num_frames, size=data.size, frame_stride=data.frame_stride,
+        fps=data.fps or None,
+    )
+    log.info("%s", folder.summary())
+    return folder
+
+
+class PrepareClip(grain.transforms.RandomMap):
+    """Drops the caption to the empty caption with probability `dropout`, then tokenises it."""
+
+    def __init__(self, tokenizer: ByteTokenizer, dropout: float):
+        self.tokenizer, self.dropout = tokenizer, dropout
+
+    def random_map(self, clip: dict, rng: np.random.Generator) -> dict:
+        caption = "" if rng.random() < self.dropout else clip["caption"]
+        tokens, mask = self.tokenizer.encode(caption)  # (L,), (L,)
+        example = {"video": clip["video"], "text_tokens": tokens, "text_mask": mask}
+        if "label" in clip:
+            example["label"] = np.int32(clip["label"])
+        return example
+
+
+def make_dataset(
+    config: Config,
+    *,
+    global_batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_epochs: int | None = None,
+    source=None,
+) -> grain.IterDataset:
+    """Batches for this process. `num_epochs=None` repeats forever, each epoch shuffled anew.
+
+    Every process builds the same shuffled order and takes every `process_count`-th example
+    from `process_index` on, so the shards are disjoint and together cover the data.
+    """
+    data = config.data
+    if global_batch_size % process_count:
+        raise ValueError(
+            f"the global batch size {global_batch_size} must divide evenly over {process_count} processes."
+        )
+    source = make_source(data) if source is None else source
+    dataset = grain.MapDataset.source(source)
+    if data.shuffle:
+        dataset = dataset.shuffle(seed=data.seed)
+    if num_epochs != 1:
+        dataset = dataset.repeat(num_epochs)
+    dataset = dataset[process_index::process_count]
+    prepare = PrepareClip(ByteTokenizer(config.text.max_length), data.caption_dropout)
+    dataset = dataset.random_map(prepare, seed=data.seed)
+    dataset = dataset.batch(global_batch_size // process_count, drop_remainder=True)
+    read = grain.ReadOptions(num_threads=1 if data.num_workers else _READ_THREADS, prefetch_buffer_size=data.prefetch)
+    iterable = dataset.to_iter_dataset(read)
+    if data.num_workers:
+        _parse_absl_flags()
+        iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.num_workers))
+    return iterable
+
+
+def _parse_absl_flags() -> None:
+    """grain's worker processes read absl flags; outside an absl app nobody has parsed them."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()

@@ -1,0 +1,150 @@
+"""Built-in moving-shapes data: procedurally drawn clips of coloured shapes on black, with captions.
+
+Captions follow one grammar (DESIGN.md, "Moving-shapes captions") so a sample can be checked
+against its prompt: `a {size} {colour} {shape} moving {direction}`, objects joined by " and ".
+Clip i is a pure function of (seed, i), so the data set is endless, random access and shardable.
+
+Geometry, in pixels with x to the right and y down: an object fills a box of side `s` (SIZES times
+the frame side S) whose top-left corner moves linearly from `start` on frame 0 to `end` on the last
+frame. The box stays inside [0, S] x [0, S] on every frame, and travels d >= S/3 along its direction.
+Edges are anti-aliased by supersampling; interior pixels are exactly the pure colour.
+"""
+
+import dataclasses
+import operator
+
+import numpy as np
+
+COLOURS = {  # name -> pure RGB; interior pixels carry exactly these values
+    "red": (255, 0, 0),
+    "green": (0, 255, 0),
+    "blue": (0, 0, 255),
+    "yellow": (255, 255, 0),
+    "cyan": (0, 255, 255),
+    "magenta": (255, 0, 255),
+    "white": (255, 255, 255),
+    "orange": (255, 128, 0),
+}
+SHAPES = ("circle", "square", "triangle")  # the triangle points up, apex at the box's top middle
+SIZES = {"small": 1 / 6, "large": 1 / 3}  # box side / frame side: a 2x gap, and large + S/3 travel still fits
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # unit (dx, dy)
+
+MIN_TRAVEL = 1 / 3  # every object travels at least this fraction of the frame over the clip
+MIN_FRAMES, MIN_SIZE = 2, 16  # motion needs two frames; a small shape below 16 px is under 3 px wide
+SUPERSAMPLE = 4  # draw at 4x and average 4x4 samples: anti-aliased edges, exact interiors
+
+
+@dataclasses.dataclass(frozen=True)
+class MovingObject:
+    """One shape: its caption words and the top-left corner (x, y) of its box on the first and last frame."""
+
+    size: str
+    colour: str
+    shape: str
+    direction: str
+    start: tuple[float, float]
+    end: tuple[float, float]
+
+
+def caption_of(objects: list[MovingObject]) -> str:
+    """The caption of a clip: `a {size} {colour} {shape} moving {direction}`, joined by " and "."""
+    return " and ".join(f"a {o.size} {o.colour} {o.shape} moving {o.direction}" for o in objects)
+
+
+def sample_objects(rng: np.random.Generator, size: int, max_objects: int) -> list[MovingObject]:
+    """Draws 1..max_objects objects with distinct colours; large ones first, so none is drawn over a small one."""
+    count = int(rng.integers(1, max_objects + 1))
+    colours = rng.choice(list(COLOURS), size=count, replace=False)
+    objects = []
+    for colour in colours:
+        size_name = str(rng.choice(list(SIZES)))
+        shape = str(rng.choice(SHAPES))
+        direction = str(rng.choice(list(DIRECTIONS)))
+        side = SIZES[size_name] * size
+        room = size - side  # the box's top-left corner may lie anywhere in [0, room] on each axis
+        travel = rng.uniform(MIN_TRAVEL * size, room)  # pixels over the whole clip
+        first = rng.uniform(0, room - travel)  # where the moving coordinate starts, for a positive direction
+        across = rng.uniform(0, room)  # the fixed coordinate
+        dx, dy = DIRECTIONS[direction]
+        if dx + dy < 0:  # left or up: run the same segment backwards
+            first = room - first
+        start = (first, across) if dx else (across, first)
+        end = (start[0] + dx * travel, start[1] + dy * travel)
+        objects.append(MovingObject(size_name, str(colour), shape, direction, start, end))
+    return sorted(objects, key=lambda o: -SIZES[o.size])  # stable: colour order kept within a size
+
+
+def coverage(obj: MovingObject, num_frames: int, size: int) -> np.ndarray:
+    """The fraction of each pixel the object covers on each frame, in [0, 1]: (T, H, W)."""
+    side = SIZES[obj.size] * size
+    fraction = np.linspace(0.0, 1.0, num_frames)[:, None, None]  # (T, 1, 1): linear motion
+    x0 = obj.start[0] + fraction * (obj.end[0] - obj.start[0])  # (T, 1, 1)
+    y0 = obj.start[1] + fraction * (obj.end[1] - obj.start[1])  # (T, 1, 1)
+    samples = (np.arange(size * SUPERSAMPLE) + 0.5) / SUPERSAMPLE  # sample centres in pixels
+    x = samples[None, None, :] - x0  # (T, 1, W*4): relative to the box
+    y = samples[None, :, None] - y0  # (T, H*4, 1)
+    if obj.shape == "square":
+        inside = (0 <= x) & (x < side) & (0 <= y) & (y < side)
+    elif obj.shape == "circle":
+        inside = (x - side / 2) ** 2 + (y - side / 2) ** 2 < (side / 2) ** 2
+    else:  # triangle: apex (side/2, 0), base along y = side; half-width grows as y/2
+        inside = (y < side) & (np.abs(x - side / 2) <= y / 2)
+    inside = np.broadcast_to(inside, (num_frames, size * SUPERSAMPLE, size * SUPERSAMPLE))  # (T, H*4, W*4)
+    blocks = inside.reshape(num_frames, size, SUPERSAMPLE, size, SUPERSAMPLE)  # (T, H, 4, W, 4)
+    return blocks.mean(axis=(2, 4))  # (T, H, W)
+
+
+def render(objects: list[MovingObject], num_frames: int, size: int) -> np.ndarray:
+    """Draws the objects in order over black, each over the ones before: uint8 (T, H, W, 3)."""
+    video = np.zeros((num_frames, size, size, 3))  # (T, H, W, 3)
+    for obj in objects:
+        alpha = coverage(obj, num_frames, size)[..., None]  # (T, H, W, 1)
+        video = video * (1 - alpha) + alpha * np.array(COLOURS[obj.colour], float)  # (T, H, W, 3)
+    return np.rint(video).astype(np.uint8)  # (T, H, W, 3)
+
+
+def _check_int(name: str, value, low: int, high: int | None = None) -> int:
+    """`value` as an int in [low, high], or a ValueError naming the argument and the allowed range."""
+    allowed = f"an integer >= {low}" if high is None else f"an integer in {low}..{high}"
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be {allowed}; got {value!r}.") from None
+    if isinstance(value, bool) or number < low or (high is not None and number > high):
+        raise ValueError(f"{name} must be {allowed}; got {value!r}.")
+    return number
+
+
+class ShapesDataset:
+    """Endless moving-shapes clips: `ds[i]` -> {"video": uint8 (T, H, W, 3), "caption": str}.
+
+    Clip i depends only on (seed, i). `length` is a virtual length for samplers and shufflers;
+    any index i >= 0 can be drawn, past `length` too. Plain attributes only, so it pickles into
+    data-loader worker processes.
+    """
+
+    def __init__(self, num_frames: int = 16, size: int = 32, seed: int = 0, max_objects: int = 1,
+                 length: int = 2**31 - 1):
+        self.num_frames = _check_int("num_frames", num_frames, MIN_FRAMES)
+        self.size = _check_int("size", size, MIN_SIZE)
+        self.seed = _check_int("seed", seed, 0)
+        self.max_objects = _check_int("max_objects", max_objects, 1, len(COLOURS))  # colours are distinct
+        self.length = _check_int("length", length, 1)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def objects(self, i: int) -> list[MovingObject]:
+        """The objects of clip i, in drawing order (the caption's order)."""
+        i = operator.index(i)
+        if i < 0:
+            raise IndexError(f"ShapesDataset index must be >= 0 (the data set is endless); got {i}.")
+        return sample_objects(np.random.default_rng([self.seed, i]), self.size, self.max_objects)
+
+    def __getitem__(self, i: int) -> dict:
+        objects = self.objects(i)
+        return {"video": render(objects, self.num_frames, self.size), "caption": caption_of(objects)}
+
+    def __repr__(self) -> str:
+        return (f"ShapesDataset(num_frames={self.num_frames}, size={self.size}, seed={self.seed}, "
+                f"max_objects={self.max_objects}, length={self.length})")

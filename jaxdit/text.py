@@ -1,0 +1,111 @@
+"""The text side: a byte-level tokenizer that needs no downloaded files, and a small trainable
+transformer text encoder.
+
+Axes: B batch, L text tokens, E text width, K heads.
+
+The encoder is an interface: anything that maps `(tokens (B, L) int32, mask (B, L) bool)` to
+token features `(B, L, E)` can stand in for it (a frozen pretrained encoder, or precomputed
+embeddings). The model pools the valid token features itself (masked mean) for adaLN and
+attends to them with cross-attention.
+"""
+
+import logging
+
+import einops
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxdit.attention import attention
+from jaxdit.blocks import Mlp
+
+log = logging.getLogger(__name__)
+
+PAD, BOS, EOS = 0, 1, 2  # special tokens; byte b is token b + _BYTE_OFFSET
+_BYTE_OFFSET = 3
+VOCAB_SIZE = 256 + _BYTE_OFFSET
+_EMBED_STD = 0.02
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens, framed by BOS and EOS and right-padded with PAD to `max_length`.
+
+    A caption longer than `max_length - 2` bytes is truncated; each truncation is counted in
+    `truncated` and the first one is logged. The empty caption (caption dropout's null
+    caption) is just BOS EOS.
+    """
+
+    def __init__(self, max_length: int):
+        if max_length < 3:
+            raise ValueError(f"text.max_length must be at least 3 (BOS, one byte, EOS), got {max_length}.")
+        self.max_length = max_length
+        self.truncated = 0
+
+    def encode(self, caption: str) -> tuple[np.ndarray, np.ndarray]:
+        """caption -> tokens int32 (L,), mask bool (L,) with L = max_length."""
+        body = np.frombuffer(caption.encode("utf-8"), np.uint8).astype(np.int32) + _BYTE_OFFSET
+        if body.size > self.max_length - 2:
+            if not self.truncated:
+                log.warning(
+                    "caption of %d bytes truncated to text.max_length=%d tokens (further truncations are "
+                    "counted, not logged): %r", body.size, self.max_length, caption[:80],
+                )
+            self.truncated += 1
+            body = body[: self.max_length - 2]
+        tokens = np.full(self.max_length, PAD, np.int32)  # (L,)
+        tokens[: body.size + 2] = [BOS, *body, EOS]
+        return tokens, tokens != PAD
+
+    def encode_batch(self, captions: list[str]) -> dict[str, np.ndarray]:
+        """captions -> {"text_tokens": int32 (B, L), "text_mask": bool (B, L)}."""
+        tokens, masks = zip(*map(self.encode, captions))
+        return {"text_tokens": np.stack(tokens), "text_mask": np.stack(masks)}
+
+    def decode(self, tokens: np.ndarray) -> str:
+        """(L,) tokens -> the caption (special tokens dropped; cut UTF-8 sequences replaced)."""
+        body = [int(t) - _BYTE_OFFSET for t in np.asarray(tokens) if t >= _BYTE_OFFSET]
+        return bytes(body).decode("utf-8", errors="replace")
+
+
+class _EncoderBlock(nnx.Module):
+    """Pre-LayerNorm transformer block: self-attention over the valid tokens, then an MLP."""
+
+    def __init__(self, width: int, heads: int, *, dtype, rngs: nnx.Rngs):
+        self.heads = heads
+        self.norm1 = nnx.LayerNorm(width, dtype=dtype, rngs=rngs)
+        self.qkv = nnx.Linear(width, 3 * width, dtype=dtype, rngs=rngs)
+        self.proj = nnx.Linear(width, width, dtype=dtype, rngs=rngs)
+        self.norm2 = nnx.LayerNorm(width, dtype=dtype, rngs=rngs)
+        self.mlp = Mlp(width, 4 * width, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+        qkv = einops.rearrange(self.qkv(self.norm1(x)), "b l (three k h) -> three b l k h", three=3, k=self.heads)
+        out = attention(*qkv, mask=mask, implementation="xla")  # (B, L, K, Dh)
+        x = x + self.proj(einops.rearrange(out, "b l k h -> b l (k h)"))  # (B, L, E)
+        return x + self.mlp(self.norm2(x))  # (B, L, E)
+
+
+class TextEncoder(nnx.Module):
+    """(B, L) tokens + (B, L) mask -> (B, L, E) token features; padded positions give zeros."""
+
+    def __init__(self, width: int, depth: int, heads: int, max_length: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        if width % heads:
+            raise ValueError(f"text encoder width {width} must be divisible by its {heads} heads.")
+        init = nnx.initializers.normal(_EMBED_STD)
+        self.max_length = max_length
+        self.token_embed = nnx.Embed(VOCAB_SIZE, width, embedding_init=init, rngs=rngs)
+        self.position_embed = nnx.Param(init(rngs.params(), (max_length, width)))  # learned absolute positions
+        self.blocks = nnx.List(_EncoderBlock(width, heads, dtype=dtype, rngs=rngs) for _ in range(depth))
+        self.norm = nnx.LayerNorm(width, dtype=dtype, rngs=rngs)
+
+    def __call__(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+        if tokens.ndim != 2 or tokens.shape[1] > self.max_length or mask.shape != tokens.shape:
+            raise ValueError(
+                f"text encoder takes tokens (B, L<= {self.max_length}) and a mask of the same shape; "
+                f"got {tuple(tokens.shape)} and {tuple(mask.shape)}."
+            )
+        x = self.token_embed(tokens) + self.position_embed[: tokens.shape[1]]  # (B, L, E)
+        for block in self.blocks:
+            x = block(x, mask)  # (B, L, E)
+        return self.norm(x) * mask[..., None]  # (B, L, E)
