@@ -27,16 +27,17 @@ def layer_norm(width: int, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 
 class SelfAttention(nnx.Module):
-    """Multi-head self-attention over all space-time tokens."""
+    """Multi-head self-attention: over all space-time tokens in DiT blocks, over valid text tokens in the encoder."""
 
     def __init__(self, width: int, heads: int, *, implementation: str, dtype, rngs: nnx.Rngs):
         self.heads, self.implementation = heads, implementation
         self.qkv = nnx.Linear(width, 3 * width, kernel_init=xavier, dtype=dtype, rngs=rngs)
         self.proj = nnx.Linear(width, width, kernel_init=xavier, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """x (B, N, D), mask (B, N) bool: the keys that may be attended to (default: all)."""
         qkv = einops.rearrange(self.qkv(x), "b n (three k h) -> three b n k h", three=3, k=self.heads)  # 3x(B, N, K, Dh)
-        out = attention(*qkv, implementation=self.implementation)  # (B, N, K, Dh)
+        out = attention(*qkv, mask=mask, implementation=self.implementation)  # (B, N, K, Dh)
         return self.proj(einops.rearrange(out, "b n k h -> b n (k h)"))  # (B, N, D)
 
 

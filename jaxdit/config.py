@@ -47,6 +47,12 @@ def parse_variant(variant: str) -> tuple[tuple[int, int, int], tuple[int, int, i
     return VARIANTS[size], (pt, ph, pw)
 
 
+def _check_minimums(section: str, config, **minimums: int) -> None:
+    for name, low in minimums.items():
+        if getattr(config, name) < low:
+            raise ValueError(f"{section}.{name} must be at least {low}, got {getattr(config, name)}.")
+
+
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}.")
@@ -74,12 +80,7 @@ class ModelConfig:
         _check_choice("model.dtype", self.dtype, DTYPES)
         _check_choice("model.attention", self.attention, ATTENTION_IMPLEMENTATIONS)
         _check_choice("model.remat", self.remat, REMAT_POLICIES)
-        for name in ("in_channels", "frequency_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}.")
-        for name in ("num_classes", "text_dim"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"model.{name} must be >= 0 (0 turns it off), got {getattr(self, name)}.")
+        _check_minimums("model", self, in_channels=1, frequency_dim=1, num_classes=0, text_dim=0)
         if not 0.0 <= self.class_dropout_prob < 1.0:
             raise ValueError(f"model.class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}.")
         if self.mlp_ratio <= 0:
@@ -138,10 +139,7 @@ class DataConfig:
         _check_choice("data.source", self.source, DATA_SOURCES)
         if self.source == "folder" and not self.manifest:
             raise ValueError("data.source='folder' needs data.manifest: a CSV or JSONL with path and text columns.")
-        for name, low in (("num_frames", 1), ("size", 1), ("max_objects", 1), ("frame_stride", 1),
-                          ("num_workers", 0), ("prefetch", 0)):
-            if getattr(self, name) < low:
-                raise ValueError(f"data.{name} must be at least {low}, got {getattr(self, name)}.")
+        _check_minimums("data", self, num_frames=1, size=1, max_objects=1, frame_stride=1, num_workers=0, prefetch=0)
         if self.fps < 0:
             raise ValueError(f"data.fps must be >= 0 (0: use data.frame_stride), got {self.fps}.")
         if not 0.0 <= self.caption_dropout < 1.0:
@@ -157,9 +155,7 @@ class TextConfig:
     heads: int = 4
 
     def __post_init__(self):
-        for name, low in (("max_length", 3), ("depth", 1), ("heads", 1)):
-            if getattr(self, name) < low:
-                raise ValueError(f"text.{name} must be at least {low}, got {getattr(self, name)}.")
+        _check_minimums("text", self, max_length=3, depth=1, heads=1)
 
 
 @dataclasses.dataclass(frozen=True)

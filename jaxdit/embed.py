@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 _MAX_PERIOD = 10_000  # the slowest timestep frequency has a period of 10000 steps
-_EMBED_STD = 0.02  # DiT's initialisation of embedding tables and the timestep MLP
+EMBED_STD = 0.02  # DiT's initialisation of embedding tables and the timestep MLP
 
 xavier = nnx.initializers.xavier_uniform()
 
@@ -40,7 +40,7 @@ class TimestepEmbedder(nnx.Module):
 
     def __init__(self, width: int, frequency_dim: int, *, dtype, rngs: nnx.Rngs):
         self.frequency_dim = frequency_dim
-        init = nnx.initializers.normal(_EMBED_STD)
+        init = nnx.initializers.normal(EMBED_STD)
         self.mlp = Mlp2(frequency_dim, width, kernel_init=init, dtype=dtype, rngs=rngs)
 
     def __call__(self, t: jax.Array) -> jax.Array:
@@ -59,7 +59,7 @@ class LabelEmbedder(nnx.Module):
     def __init__(self, num_classes: int, width: int, dropout_prob: float, *, rngs: nnx.Rngs):
         self.num_classes = num_classes
         self.dropout_prob = dropout_prob
-        self.table = nnx.Embed(num_classes + 1, width, embedding_init=nnx.initializers.normal(_EMBED_STD), rngs=rngs)
+        self.table = nnx.Embed(num_classes + 1, width, embedding_init=nnx.initializers.normal(EMBED_STD), rngs=rngs)
         self.dropout_rng = nnx.RngStream(rngs.dropout(), tag="dropout")
 
     def __call__(self, labels: jax.Array, *, train: bool) -> jax.Array:

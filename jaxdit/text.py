@@ -11,21 +11,19 @@ attends to them with cross-attention.
 
 import logging
 
-import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxdit.attention import attention
-from jaxdit.blocks import Mlp
+from jaxdit.blocks import Mlp, SelfAttention
+from jaxdit.embed import EMBED_STD
 
 log = logging.getLogger(__name__)
 
 PAD, BOS, EOS = 0, 1, 2  # special tokens; byte b is token b + _BYTE_OFFSET
 _BYTE_OFFSET = 3
 VOCAB_SIZE = 256 + _BYTE_OFFSET
-_EMBED_STD = 0.02
 
 
 class ByteTokenizer:
@@ -72,17 +70,13 @@ class _EncoderBlock(nnx.Module):
     """Pre-LayerNorm transformer block: self-attention over the valid tokens, then an MLP."""
 
     def __init__(self, width: int, heads: int, *, dtype, rngs: nnx.Rngs):
-        self.heads = heads
         self.norm1 = nnx.LayerNorm(width, dtype=dtype, rngs=rngs)
-        self.qkv = nnx.Linear(width, 3 * width, dtype=dtype, rngs=rngs)
-        self.proj = nnx.Linear(width, width, dtype=dtype, rngs=rngs)
+        self.attn = SelfAttention(width, heads, implementation="auto", dtype=dtype, rngs=rngs)
         self.norm2 = nnx.LayerNorm(width, dtype=dtype, rngs=rngs)
         self.mlp = Mlp(width, 4 * width, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-        qkv = einops.rearrange(self.qkv(self.norm1(x)), "b l (three k h) -> three b l k h", three=3, k=self.heads)
-        out = attention(*qkv, mask=mask, implementation="xla")  # (B, L, K, Dh)
-        x = x + self.proj(einops.rearrange(out, "b l k h -> b l (k h)"))  # (B, L, E)
+        x = x + self.attn(self.norm1(x), mask)  # (B, L, E)
         return x + self.mlp(self.norm2(x))  # (B, L, E)
 
 
@@ -92,7 +86,7 @@ class TextEncoder(nnx.Module):
     def __init__(self, width: int, depth: int, heads: int, max_length: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
         if width % heads:
             raise ValueError(f"text encoder width {width} must be divisible by its {heads} heads.")
-        init = nnx.initializers.normal(_EMBED_STD)
+        init = nnx.initializers.normal(EMBED_STD)
         self.max_length = max_length
         self.token_embed = nnx.Embed(VOCAB_SIZE, width, embedding_init=init, rngs=rngs)
         self.position_embed = nnx.Param(init(rngs.params(), (max_length, width)))  # learned absolute positions
