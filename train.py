@@ -1,6 +1,54 @@
-"""Train a VideoDiT. Not yet: the training loop lands with issue 4 (see the README)."""
+"""Train a jaxdit model.
 
+    python train.py                                   # configs/shapes_tiny.py into runs/shapes_tiny/
+    python train.py --config configs/shapes.py --workdir runs/shapes --train.steps 20000
+
+Any config field can be set as `--section.field VALUE` (e.g. `--train.batch_size 64`,
+`--model.variant B/2x2x2`, `--data.shuffle false`). Running the same command again resumes
+from the newest checkpoint in the workdir. Ctrl-C (or SIGTERM) checkpoints and stops.
+
+Several processes (multi-host): on a TPU pod slice run the same command on every worker
+(`gcloud compute tpus tpu-vm ssh NAME --worker=all --command="cd jaxdit && python train.py ..."`);
+on GPU hosts set JAX_COORDINATOR_ADDRESS=host0:1234 JAX_NUM_PROCESSES=N JAX_PROCESS_ID=i in each.
+"""
+
+import argparse
+import logging
+import pathlib
 import sys
 
+DEFAULT_CONFIG = pathlib.Path(__file__).parent / "configs" / "shapes_tiny.py"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Train a jaxdit text-to-video DiT.",
+        epilog="Override any config field with --section.field VALUE, e.g. --train.steps 200.",
+    )
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="a configs/*.py file (default: %(default)s)")
+    parser.add_argument("--workdir", help="checkpoints, metrics and samples go here (default: runs/<config name>)")
+    args, overrides = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
+
+    from jaxdit.config import ConfigError, apply_overrides, load_config
+    from jaxdit.sharding import initialize_distributed
+    from jaxdit.train_loop import train
+
+    initialize_distributed()  # before any computation: joins the other processes of a multi-host run
+    try:
+        config = apply_overrides(load_config(args.config), overrides)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        parser.error(str(error))
+    workdir = pathlib.Path(args.workdir or pathlib.Path("runs") / config.name)
+    try:
+        metrics = train(config, workdir)
+    except ConfigError as error:  # found once the devices and the workdir are known
+        parser.error(str(error))
+    if metrics:
+        print(f"done: step {metrics.get('step', config.train.steps)}, loss {metrics['loss']:.4f}; run in {workdir}")
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit("train.py: not yet. The model is built (jaxdit.VideoDiT); training lands with issue 4.")
+    sys.exit(main())

@@ -5,8 +5,13 @@ C channels, N tokens, D model width, K heads, L text tokens, E text width.
 Importing jaxdit stays light: video and data libraries are imported where they are used.
 """
 
-from jaxdit.config import VARIANTS, Config, DataConfig, ModelConfig, TextConfig, load_config
+from jaxdit.config import (
+    VARIANTS, CodecConfig, Config, DataConfig, DiffusionConfig, ModelConfig, TextConfig, TrainConfig, load_config,
+)
 from jaxdit.model import VideoDiT
 
-__all__ = ["VARIANTS", "Config", "DataConfig", "ModelConfig", "TextConfig", "VideoDiT", "load_config"]
+__all__ = [
+    "VARIANTS", "CodecConfig", "Config", "DataConfig", "DiffusionConfig", "ModelConfig", "TextConfig",
+    "TrainConfig", "VideoDiT", "load_config",
+]
 __version__ = "0.1.0"

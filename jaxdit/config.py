@@ -15,6 +15,7 @@ import re
 # size name -> (width, depth, heads). S/B/L/XL are DiT's; "tiny" is for tests and CPU demos.
 VARIANTS = {
     "tiny": (64, 2, 4),
+    "mini": (128, 4, 4),  # the default CPU demo (configs/shapes_tiny.py)
     "S": (384, 12, 6),
     "B": (768, 12, 12),
     "L": (1024, 24, 16),
@@ -28,6 +29,16 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 # What a block keeps for the backward pass: everything, nothing (recompute the block),
 # or only the matmul outputs.
 REMAT_POLICIES = ("none", "full", "dots")
+NOISE_SCHEDULES = ("linear", "cosine")  # beta schedules of the forward process (DiT: linear)
+# What the network predicts: the noise (DiT), v = a*eps - s*x0, or the clean sample x0 (for
+# pixel-space models whose patches have more dimensions than the model's width).
+PREDICTIONS = ("epsilon", "v", "x0")
+LR_SCHEDULES = ("constant", "cosine")  # after the linear warm-up
+CODECS = ("identity",)  # identity: the model works on pixels scaled to [-1, 1]
+
+class ConfigError(ValueError):
+    """A config that cannot run here (e.g. a batch that does not split over the devices)."""
+
 
 _PATCH = re.compile(r"^(\d+)(?:x(\d+)x(\d+))?$")
 
@@ -159,13 +170,153 @@ class TextConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DiffusionConfig:
+    """The forward (noising) process and the training objective."""
+
+    num_steps: int = 1000
+    schedule: str = "linear"  # one of NOISE_SCHEDULES
+    prediction: str = "epsilon"  # one of PREDICTIONS; a learn_sigma model adds DiT's variance term
+
+    def __post_init__(self):
+        _check_minimums("diffusion", self, num_steps=1)
+        _check_choice("diffusion.schedule", self.schedule, NOISE_SCHEDULES)
+        _check_choice("diffusion.prediction", self.prediction, PREDICTIONS)
+        if self.schedule == "linear" and 0.02 * 1000 / self.num_steps >= 1:  # DiT's betas, stretched
+            raise ValueError(
+                f"diffusion.num_steps={self.num_steps} is too few for the linear schedule (its last beta "
+                "reaches 1); use at least 21 steps or diffusion.schedule='cosine'."
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class CodecConfig:
+    """The frozen codec between videos and the latents the model sees."""
+
+    kind: str = "identity"  # one of CODECS
+
+    def __post_init__(self):
+        _check_choice("codec.kind", self.kind, CODECS)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, parallelism, checkpoints and logging of a training run."""
+
+    steps: int = 10_000
+    batch_size: int = 32  # global: split over every device of every process
+    seed: int = 0  # parameters and the noise and steps drawn in training
+    learning_rate: float = 1e-4  # DiT: AdamW at 1e-4, no weight decay
+    lr_schedule: str = "constant"  # one of LR_SCHEDULES, after the warm-up
+    warmup_steps: int = 0
+    weight_decay: float = 0.0  # decoupled (AdamW), on weight matrices only: not on biases or norm scales
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    grad_clip: float = 1.0  # global gradient norm; 0 turns clipping off
+    ema_decay: float = 0.9999  # exponential moving average of the parameters, used for sampling
+    max_bad_steps: int = 10  # stop after this many consecutive steps with a non-finite loss
+    fsdp: int = 1  # devices per parameter shard (the mesh's fsdp axis); the rest is data parallel
+    checkpoint_every: int = 1000  # steps; a checkpoint is also written at the end
+    keep_checkpoints: int = 3
+    log_every: int = 50  # steps between metrics.jsonl / TensorBoard records
+
+    def __post_init__(self):
+        _check_minimums(
+            "train", self, steps=1, batch_size=1, warmup_steps=0, max_bad_steps=1, fsdp=1,
+            checkpoint_every=1, keep_checkpoints=1, log_every=1,
+        )
+        _check_choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        if self.warmup_steps >= self.steps:
+            raise ValueError(
+                f"train.warmup_steps={self.warmup_steps} must be smaller than train.steps={self.steps}; "
+                "lower it, e.g. --train.warmup_steps 0."
+            )
+        if self.learning_rate <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("train.learning_rate must be positive; train.weight_decay and train.grad_clip >= 0.")
+        for name in ("adam_b1", "adam_b2", "ema_decay"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"train.{name} must be in [0, 1), got {getattr(self, name)}.")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
-    """Everything a run needs. Later sections (train, sample) join as they are built."""
+    """Everything a run needs."""
 
     name: str = "default"
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     text: TextConfig = dataclasses.field(default_factory=TextConfig)
+    diffusion: DiffusionConfig = dataclasses.field(default_factory=DiffusionConfig)
+    codec: CodecConfig = dataclasses.field(default_factory=CodecConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Config":
+        """The inverse of `to_dict`, e.g. for a run's saved config. Unknown keys are errors."""
+        sections = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(values) - set(sections)
+        if unknown:
+            raise ValueError(f"unknown config sections {sorted(unknown)}; known: {', '.join(sections)}.")
+        kwargs = {}
+        for name, value in values.items():
+            section_type = sections[name].type
+            kwargs[name] = _section(section_type, name, value) if dataclasses.is_dataclass(section_type) else value
+        return cls(**kwargs)
+
+
+def _section(section_type, name: str, values: dict):
+    fields = {f.name for f in dataclasses.fields(section_type)}
+    unknown = set(values) - fields
+    if unknown:
+        raise ValueError(f"unknown fields {sorted(unknown)} in config section {name!r}; known: {', '.join(sorted(fields))}.")
+    return section_type(**values)
+
+
+def _parse_value(flag: str, text: str, current):
+    """A command-line string as the type of the field's current value."""
+    if isinstance(current, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"{flag} takes true or false, got {text!r}.")
+        return text.lower() in ("true", "1")
+    try:
+        return type(current)(text)
+    except ValueError:
+        raise ValueError(f"{flag} takes a {type(current).__name__}, got {text!r}.") from None
+
+
+def apply_overrides(config: Config, args: list[str]) -> Config:
+    """`["--train.steps", "200", "--model.variant=B/2"]` -> the config with those fields replaced.
+
+    Every field of every section can be set as `--section.field VALUE` (or `--section.field=VALUE`);
+    the value is parsed as the field's type (booleans: true/false). `--name NAME` renames the run.
+    """
+    values = config.to_dict()
+    args = list(args)
+    while args:
+        flag = args.pop(0)
+        if "=" in flag:
+            flag, text = flag.split("=", 1)
+        elif args:
+            text = args.pop(0)
+        else:
+            raise ValueError(f"{flag} needs a value, e.g. {flag} VALUE.")
+        key = flag.removeprefix("--")
+        if not flag.startswith("--") or not key:
+            raise ValueError(f"expected --section.field VALUE, got {flag!r}.")
+        section, _, field = key.partition(".")
+        if section == "name" and not field:
+            values["name"] = text
+            continue
+        if section not in values or not isinstance(values[section], dict):
+            raise ValueError(f"unknown config section in {flag!r}; sections: {', '.join(k for k in values if k != 'name')}.")
+        if field not in values[section]:
+            raise ValueError(
+                f"unknown config field {flag!r}; fields of {section}: {', '.join(sorted(values[section]))}."
+            )
+        values[section][field] = _parse_value(flag, text, values[section][field])
+    return Config.from_dict(values)
 
 
 def load_config(path: str | pathlib.Path) -> Config:

@@ -53,6 +53,20 @@ def test_process_shards_are_disjoint_and_cover_the_data():
     assert sorted(sum(seen, [])) == list(range(24))
 
 
+def test_process_slices_put_together_are_the_single_process_batches():
+    # Same global batches (and caption dropout) for any process count: training draws the same noise.
+    single = [indices(batch) for batch in make_dataset(config(), global_batch_size=6, num_epochs=1, source=NumberedClips(25))]
+    slices = [
+        [indices(batch) for batch in make_dataset(
+            config(), global_batch_size=6, process_index=process, process_count=2, num_epochs=1,
+            source=NumberedClips(25),
+        )]
+        for process in range(2)
+    ]
+    assert len(single) == 4 and all(len(s) == 4 for s in slices)
+    assert [a + b for a, b in zip(*slices)] == single
+
+
 def test_every_epoch_is_a_new_permutation():
     dataset = make_dataset(config(), global_batch_size=4, source=NumberedClips(12))
     iterator = iter(dataset)

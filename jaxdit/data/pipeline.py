@@ -62,8 +62,9 @@ def make_dataset(
 ) -> grain.IterDataset:
     """Batches for this process. `num_epochs=None` repeats forever, each epoch shuffled anew.
 
-    Every process builds the same shuffled order and takes every `process_count`-th example
-    from `process_index` on, so the shards are disjoint and together cover the data.
+    Every process builds the same shuffled (and caption-dropped) order, cut into global
+    batches; process i reads the i-th slice of every global batch. So the global batch, and
+    the noise each example gets in training, is the same whatever the number of processes.
     """
     data = config.data
     if global_batch_size % process_count:
@@ -76,10 +77,11 @@ def make_dataset(
         dataset = dataset.shuffle(seed=data.seed)
     if num_epochs != 1:
         dataset = dataset.repeat(num_epochs)
-    dataset = dataset[process_index::process_count]
     prepare = PrepareClip(ByteTokenizer(config.text.max_length), data.caption_dropout)
     dataset = dataset.random_map(prepare, seed=data.seed)
-    dataset = dataset.batch(global_batch_size // process_count, drop_remainder=True)
+    dataset = dataset.batch(global_batch_size // process_count, drop_remainder=True)  # one process's slice
+    whole_batches = len(dataset) // process_count * process_count  # every process gets as many batches
+    dataset = dataset[:whole_batches][process_index::process_count]
     read = grain.ReadOptions(num_threads=1 if data.num_workers else _READ_THREADS, prefetch_buffer_size=data.prefetch)
     iterable = dataset.to_iter_dataset(read)
     if data.num_workers:

@@ -1,0 +1,24 @@
+"""Moving shapes on one GPU: 16 frames of 64x64 pixels, a DiT-S model in bfloat16.
+
+16x64x64 pixels in 2x4x4 spacetime patches are 2048 tokens; DiT-S (width 384, 12 blocks) with a
+2-block text encoder. Predicts the clean clip (x0), which suits pixel space.
+
+Run: python train.py --config configs/shapes.py
+     python train.py --config configs/shapes.py --train.batch_size 128 --model.remat dots
+"""
+
+from jaxdit import Config, DataConfig, DiffusionConfig, ModelConfig, TextConfig, TrainConfig
+
+
+def get_config() -> Config:
+    return Config(
+        name="shapes",
+        model=ModelConfig(variant="S/2x4x4", in_channels=3, text_dim=256, dtype="bfloat16"),
+        diffusion=DiffusionConfig(prediction="x0"),
+        text=TextConfig(max_length=128, depth=2, heads=4),
+        data=DataConfig(source="shapes", num_frames=16, size=64, max_objects=2, num_workers=4),
+        train=TrainConfig(
+            steps=50_000, batch_size=64, learning_rate=2e-4, warmup_steps=1000, lr_schedule="cosine",
+            ema_decay=0.9999, checkpoint_every=2000, log_every=100,
+        ),
+    )

@@ -1,0 +1,45 @@
+"""The trained network: the text encoder and the VideoDiT, from caption tokens and noisy
+latents to the prediction. Training and sampling both call this; the codec stays outside.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxdit.config import Config
+from jaxdit.model import VideoDiT
+from jaxdit.text import TextEncoder
+
+
+class Denoiser(nnx.Module):
+    """tokens (B, L) + mask (B, L) -> text features -> VideoDiT(x_t, t, text) -> prediction."""
+
+    def __init__(self, config: Config, *, rngs: nnx.Rngs):
+        model = config.model
+        self.dit = VideoDiT(model, rngs=rngs)
+        self.text_encoder = nnx.data(
+            TextEncoder(
+                model.text_dim, config.text.depth, config.text.heads, config.text.max_length,
+                dtype=jnp.dtype(model.dtype), rngs=rngs,
+            )
+            if model.has_text
+            else None
+        )
+
+    def __call__(
+        self,
+        x: jax.Array,
+        t: jax.Array,
+        *,
+        text_tokens: jax.Array | None = None,
+        text_mask: jax.Array | None = None,
+        label: jax.Array | None = None,
+        train: bool = False,
+    ) -> jax.Array:
+        """x (B, T, H, W, C) latents, t (B,), tokens and mask (B, L), label (B,) -> (B, T, H, W, C_out)."""
+        if self.text_encoder is None:
+            return self.dit(x, t, label=label, train=train)
+        if text_tokens is None or text_mask is None:
+            raise ValueError("this model is text-conditioned: pass text_tokens and text_mask (B, L).")
+        text = self.text_encoder(text_tokens, text_mask)  # (B, L, E)
+        return self.dit(x, t, text=text, text_mask=text_mask, label=label, train=train)

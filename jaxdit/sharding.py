@@ -1,0 +1,114 @@
+"""The device mesh, the sharding rules and the multi-host set-up, in one place.
+
+The mesh has two axes. `data`: parameters replicated, the batch split, gradients all-reduced:
+pmap's data parallelism, written with `jax.jit` over a mesh. `fsdp`: the batch split too, and
+every large parameter (with its EMA and optimizer moments) split along one dimension
+(ZeRO-3); XLA gathers a parameter where a layer needs it. The default puts every device on
+`data`. Arrays get their shardings from logical axis names through `RULES`.
+"""
+
+import logging
+import os
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp")
+# logical axis -> mesh axes. Every array dimension gets one logical name (or None: whole).
+RULES = {
+    "batch": ("data", "fsdp"),  # examples are split over every device
+    "param_shard": "fsdp",  # the one dimension along which a large parameter is split
+}
+# Parameters smaller than this stay whole on every device: gathering them costs more time
+# than splitting saves memory.
+MIN_SHARDED_SIZE = 2**12
+
+
+def make_mesh(fsdp: int = 1, devices=None) -> jax.sharding.Mesh:
+    """A (data, fsdp) mesh over every device of every process (or `devices`)."""
+    devices = jax.devices() if devices is None else list(devices)
+    if len(devices) % fsdp:
+        raise ValueError(f"train.fsdp={fsdp} does not divide the {len(devices)} devices; pick a divisor.")
+    shape = (len(devices) // fsdp, fsdp)
+    # Auto axes: XLA propagates shardings through the step from the inputs' shardings.
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
+
+
+def spec(*logical_axes: str | None) -> PartitionSpec:
+    """Logical axis names -> the mesh axes they map to."""
+    return PartitionSpec(*(RULES[name] if name else None for name in logical_axes))
+
+
+def param_axes(shape: tuple[int, ...], fsdp: int) -> tuple[str | None, ...]:
+    """The logical axes of a parameter: its largest dimension that `fsdp` divides is split."""
+    axes = [None] * len(shape)
+    if fsdp > 1 and np.prod(shape, dtype=np.int64) >= MIN_SHARDED_SIZE:
+        divisible = [i for i, n in enumerate(shape) if n % fsdp == 0]
+        if divisible:
+            axes[max(divisible, key=lambda i: shape[i])] = "param_shard"
+    return tuple(axes)
+
+
+def state_sharding(tree, mesh: jax.sharding.Mesh):
+    """Shardings for a tree of (abstract) arrays: parameters, their EMA, optimizer state.
+
+    Scalars and small arrays are replicated; optimizer moments shard like their parameters
+    because the rule only looks at the shape.
+    """
+    fsdp = mesh.shape["fsdp"]
+    return jax.tree.map(lambda x: NamedSharding(mesh, spec(*param_axes(x.shape, fsdp))), tree)
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+    """Arrays with a leading batch axis: split over every device."""
+    return NamedSharding(mesh, spec("batch"))
+
+
+def data_parallel_size(mesh: jax.sharding.Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def global_batch(local_batch: dict, mesh: jax.sharding.Mesh) -> dict:
+    """This process's share of the batch (NumPy) -> global jax.Arrays split over the mesh."""
+    sharding = batch_sharding(mesh)
+    return {
+        name: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+        for name, value in local_batch.items()
+    }
+
+
+def initialize_distributed() -> None:
+    """Joins the processes of a multi-host run; does nothing for a single process.
+
+    - TPU pod slice, SLURM or Open MPI: JAX finds the coordinator, process count and index.
+    - Several GPU hosts by hand: set JAX_COORDINATOR_ADDRESS=host0:1234, JAX_NUM_PROCESSES=N
+      and JAX_PROCESS_ID=i (0..N-1) in each process's environment.
+    """
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        missing = [name for name in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if name not in os.environ]
+        if missing:
+            raise ValueError(
+                f"JAX_COORDINATOR_ADDRESS is set but {', '.join(missing)} is not: set the number of "
+                "processes and this process's index (0..N-1) for every process."
+            )
+        jax.distributed.initialize(
+            num_processes=int(os.environ["JAX_NUM_PROCESSES"]), process_id=int(os.environ["JAX_PROCESS_ID"])
+        )
+    elif _in_cluster():
+        jax.distributed.initialize()
+    else:
+        return
+    log.info("process %d of %d, %d local devices", jax.process_index(), jax.process_count(), jax.local_device_count())
+
+
+def _in_cluster() -> bool:
+    """Launched as one of several processes by a TPU pod, SLURM or Open MPI."""
+    tpu_hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    return (
+        "," in tpu_hosts
+        or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+        or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+    )

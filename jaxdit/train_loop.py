@@ -1,0 +1,182 @@
+"""The training loop: set up the mesh, state, data and checkpoints, then step until done.
+
+`train(config, workdir)` is what `python train.py` runs. It resumes from the newest complete
+checkpoint in `workdir/checkpoints` (state, EMA, optimizer, data position), so a run that is
+killed at any moment loses at most the steps since its last checkpoint, and 2N steps in one go
+give bit for bit the same result as N steps, a restart, and N more.
+"""
+
+import logging
+import pathlib
+import signal
+import threading
+import time
+
+import jax
+import numpy as np
+
+from jaxdit.checkpoint import Checkpointer
+from jaxdit.codec import make_codec
+from jaxdit.config import Config, ConfigError
+from jaxdit.data.pipeline import make_dataset
+from jaxdit.metrics import MetricsWriter
+from jaxdit.sharding import data_parallel_size, global_batch, make_mesh
+from jaxdit.train_step import TrainState, abstract_model, abstract_train_state, create_train_state, make_train_step
+
+log = logging.getLogger(__name__)
+
+# Sections a resumed run must share with the run that wrote the checkpoint; the rest
+# (steps, logging, checkpoint cadence, data workers) may change between restarts.
+_FIXED_SECTIONS = ("model", "text", "diffusion", "codec")
+
+
+def check_config(config: Config, mesh: jax.sharding.Mesh, codec) -> None:
+    """Errors a user can act on, before anything is compiled."""
+    devices, processes = data_parallel_size(mesh), jax.process_count()
+    if config.train.batch_size % devices or config.train.batch_size % processes:
+        raise ConfigError(
+            f"train.batch_size={config.train.batch_size} must be divisible by the {devices} devices "
+            f"(and {processes} processes) it is split over; use a multiple of {devices}."
+        )
+    if codec.channels != config.model.in_channels:
+        raise ConfigError(
+            f"model.in_channels={config.model.in_channels} but the {config.codec.kind!r} codec makes "
+            f"{codec.channels}-channel latents; set --model.in_channels {codec.channels}."
+        )
+
+
+def parameter_count(params) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+def train(config: Config, workdir: str | pathlib.Path) -> dict:
+    """Trains `config` into `workdir` up to `config.train.steps`; returns the last metrics."""
+    workdir = pathlib.Path(workdir)
+    cfg = config.train
+    mesh = make_mesh(cfg.fsdp)
+    codec = make_codec(config.codec)
+    check_config(config, mesh, codec)
+    primary = jax.process_index() == 0
+
+    graphdef, _ = abstract_model(config)
+    abstract_state = abstract_train_state(config, mesh)
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints, every=cfg.checkpoint_every)
+    dataset = make_dataset(
+        config, global_batch_size=cfg.batch_size, process_index=jax.process_index(), process_count=jax.process_count()
+    )
+    data = iter(dataset)
+    start = checkpointer.latest_step()
+    if start is None:
+        state = create_train_state(config, mesh)
+        start = 0
+    else:
+        _check_same_run(checkpointer.restore_config(start), config, workdir)
+        state = checkpointer.restore(abstract_state, step=start, data_iterator=data)
+        log.info("resuming %s from step %d", workdir, start)
+    log.info(
+        "%s: %s parameters (codec frozen, not counted), %d devices, mesh %s",
+        config.name, f"{parameter_count(state.params):,}", mesh.size, dict(mesh.shape),
+    )
+    step_fn = make_train_step(config, graphdef, codec, mesh, abstract_state)
+    # The run's root key never changes; a host copy outlives the state, which each step donates.
+    root_rng = jax.random.wrap_key_data(np.asarray(jax.random.key_data(state.rng)))
+    writer = MetricsWriter(workdir, enabled=primary)
+    progress = _progress_bar(start, cfg.steps, enabled=primary)
+    last_metrics, pending = {}, None
+    rate = _Rate(start)
+    step = start
+    try:
+        with _StopRequests() as stop:
+            while step < cfg.steps and not stop.requested:
+                batch = global_batch(next(data), mesh)
+                state, metrics = step_fn(state, batch, jax.random.fold_in(root_rng, step))
+                # Read the previous step's metrics while this one runs: the device never waits on the host.
+                if pending is not None:
+                    last_metrics = _report(*pending, cfg, writer, progress, rate)
+                pending = (step + 1, metrics)
+                step += 1
+                if step < cfg.steps:
+                    checkpointer.save(step, state, data_iterator=data, config=config.to_dict())
+        if pending is not None:
+            last_metrics = _report(*pending, cfg, writer, progress, rate)
+        if step > start:  # the final (or interrupted) step, whatever the checkpoint cadence
+            checkpointer.save(step, state, data_iterator=data, config=config.to_dict(), force=True)
+        if stop.requested:
+            log.warning("stopped at step %d on request; run the same command again to resume", step)
+    finally:
+        checkpointer.wait()
+        checkpointer.close()
+        progress.close()
+        writer.close()
+    return last_metrics
+
+
+def _check_same_run(saved: dict, config: Config, workdir: pathlib.Path) -> None:
+    current = config.to_dict()
+    changed = [name for name in _FIXED_SECTIONS if saved.get(name) != current[name]]
+    if changed:
+        raise ConfigError(
+            f"{workdir} holds a run whose {', '.join(changed)} config differs from this one; "
+            "resume it with the same settings, or train into a new --workdir."
+        )
+
+
+class _StopRequests:
+    """Turns the first Ctrl-C or SIGTERM into a request to stop at the next step boundary."""
+
+    _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = False
+
+    def _request(self, signum, frame):
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._request) for sig in self._SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class _Rate:
+    """Steps per second over the steps since the last reading."""
+
+    def __init__(self, step: int):
+        self.step, self.time = step, time.perf_counter()
+
+    def __call__(self, step: int) -> float:
+        now = time.perf_counter()
+        rate = (step - self.step) / max(now - self.time, 1e-9)
+        self.step, self.time = step, now
+        return rate
+
+
+def _report(step: int, metrics: dict, cfg, writer: MetricsWriter, progress, rate: _Rate) -> dict:
+    metrics = {name: value.item() for name, value in jax.device_get(metrics).items()}
+    if metrics["skipped"]:
+        log.warning("step %d: non-finite loss or gradients (%s); update skipped", step, metrics["loss"])
+        if metrics["bad_steps"] >= cfg.max_bad_steps:
+            raise FloatingPointError(
+                f"the loss or gradients were not finite for {metrics['bad_steps']} steps in a row (step {step}); "
+                f"training stopped. Lower train.learning_rate or check the data; the run resumes from its last checkpoint."
+            )
+    progress.update(step - progress.n)
+    if step % cfg.log_every == 0 or step == cfg.steps:
+        steps_per_s = rate(step)
+        metrics |= {"steps_per_s": steps_per_s, "samples_per_s": steps_per_s * cfg.batch_size}
+        writer.write(step, metrics)
+        progress.set_postfix(loss=f"{metrics['loss']:.4f}", samples_per_s=f"{metrics['samples_per_s']:.1f}")
+    return metrics
+
+
+def _progress_bar(start: int, total: int, *, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(initial=start, total=total, disable=not enabled, unit="step", dynamic_ncols=True)

@@ -1,0 +1,153 @@
+"""The train state and the pure train step `(state, batch, rng) -> (state, metrics)`.
+
+Shapes before memory: `create_train_state` traces the initialisation with `jax.eval_shape`,
+derives every array's sharding from the rules in `jaxdit.sharding`, then runs the
+initialisation once under `jit` with those output shardings, so nothing is ever built on one
+device and moved. `make_train_step` jits the step once with the same shardings and donates
+the state.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from jaxdit import diffusion
+from jaxdit.config import Config, TrainConfig
+from jaxdit.denoiser import Denoiser
+from jaxdit.sharding import batch_sharding, state_sharding
+
+# optax.apply_if_finite gives up and applies a non-finite update after this many in a row; the
+# training loop stops long before (train.max_bad_steps), so a bad update is never applied.
+_NEVER_GIVE_UP = 2**30
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 (): steps taken so far, skipped ones included
+    params: nnx.State  # the Denoiser's parameters: VideoDiT and text encoder (never the codec)
+    ema: nnx.State  # exponential moving average of `params`, used for sampling
+    opt_state: optax.OptState
+    model_rngs: nnx.State  # the model's RNG streams (class-label dropout), reseeded every step
+    rng: jax.Array  # the run's root key; step s draws its noise from fold_in(rng, s)
+
+
+def learning_rate_schedule(train: TrainConfig) -> optax.Schedule:
+    """Linear warm-up from 0, then constant or cosine decay to 0 at `train.steps`."""
+    if train.lr_schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, train.learning_rate, train.warmup_steps, train.steps)
+    if train.warmup_steps == 0:
+        return optax.constant_schedule(train.learning_rate)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, train.learning_rate, train.warmup_steps), optax.constant_schedule(train.learning_rate)],
+        [train.warmup_steps],
+    )
+
+
+def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
+    """AdamW with clipping, wrapped so that a step with non-finite gradients changes nothing."""
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # weight matrices only
+    adamw = optax.adamw(
+        learning_rate_schedule(train), b1=train.adam_b1, b2=train.adam_b2,
+        weight_decay=train.weight_decay, mask=decay_mask,
+    )
+    clip = optax.clip_by_global_norm(train.grad_clip) if train.grad_clip > 0 else optax.identity()
+    return optax.apply_if_finite(optax.chain(clip, adamw), max_consecutive_errors=_NEVER_GIVE_UP)
+
+
+def abstract_model(config: Config) -> tuple[nnx.GraphDef, nnx.State]:
+    """The Denoiser's structure and its parameters' shapes; no memory is used."""
+    graphdef, params, _ = nnx.split(nnx.eval_shape(lambda: Denoiser(config, rngs=nnx.Rngs(0))), nnx.Param, ...)
+    return graphdef, params
+
+
+def _init_state(config: Config, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+    model = Denoiser(config, rngs=nnx.Rngs(jax.random.fold_in(rng, 0)))
+    _, params, model_rngs = nnx.split(model, nnx.Param, ...)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        ema=jax.tree.map(jnp.copy, params),
+        opt_state=tx.init(params),
+        model_rngs=model_rngs,
+        rng=rng,
+    )
+
+
+def abstract_train_state(config: Config, mesh: jax.sharding.Mesh) -> TrainState:
+    """Shapes, dtypes and shardings of the train state: the target for a checkpoint restore."""
+    init = functools.partial(_init_state, config, make_optimizer(config.train))
+    shapes = jax.eval_shape(init, jax.random.key(config.train.seed))
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, state_sharding(shapes, mesh)
+    )
+
+
+def create_train_state(config: Config, mesh: jax.sharding.Mesh) -> TrainState:
+    """A fresh train state, each array created directly with its sharding."""
+    init = functools.partial(_init_state, config, make_optimizer(config.train))
+    shardings = jax.tree.map(lambda x: x.sharding, abstract_train_state(config, mesh))
+    return jax.jit(init, out_shardings=shardings)(jax.random.key(config.train.seed))
+
+
+def train_step(
+    state: TrainState, batch: dict, rng: jax.Array, *, graphdef: nnx.GraphDef, config: Config, codec, tx
+) -> tuple[TrainState, dict]:
+    """One update of the Denoiser on one global batch.
+
+    batch: {"video": (B, T, H, W, 3), "text_tokens", "text_mask": (B, L)[, "label": (B,)]}.
+    """
+    schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_steps)
+    noise_rng, t_rng, dropout_rng = jax.random.split(rng, 3)
+    x0 = jax.lax.stop_gradient(codec.encode(batch["video"]))  # (B, T, H, W, C), the frozen codec
+    t = diffusion.sample_timesteps(t_rng, x0.shape[0], schedule.num_steps)  # (B,)
+    noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)  # (B, T, H, W, C)
+    x_t = diffusion.q_sample(schedule, x0, t, noise)  # (B, T, H, W, C)
+
+    def loss_fn(params):
+        model = nnx.merge(graphdef, params, state.model_rngs)
+        nnx.reseed(model, dropout=dropout_rng)
+        prediction = model(
+            x_t, t, text_tokens=batch.get("text_tokens"), text_mask=batch.get("text_mask"),
+            label=batch.get("label"), train=True,
+        )  # (B, T, H, W, C or 2C)
+        per_example, terms = diffusion.loss(
+            schedule, prediction, x0, x_t, noise, t,
+            prediction=config.diffusion.prediction, learn_sigma=config.model.learn_sigma,
+        )  # (B,)
+        return per_example.mean(), {name: term.mean() for name, term in terms.items()}
+
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = opt_state.last_finite  # False: the update was skipped, params and moments kept
+    decay = config.train.ema_decay
+    ema = jax.tree.map(lambda e, p: jnp.where(finite, decay * e + (1 - decay) * p, e), state.ema, params)
+    metrics = {
+        "loss": loss,
+        **terms,
+        "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(params),
+        "learning_rate": learning_rate_schedule(config.train)(state.step),
+        "skipped": ~finite,
+        "bad_steps": opt_state.notfinite_count,  # consecutive skipped steps
+        "skipped_total": opt_state.total_notfinite,
+    }
+    state = dataclasses.replace(state, step=state.step + 1, params=params, ema=ema, opt_state=opt_state)
+    return state, metrics
+
+
+def make_train_step(config: Config, graphdef: nnx.GraphDef, codec, mesh: jax.sharding.Mesh, abstract_state: TrainState):
+    """`train_step` jitted once over the mesh, with the state donated."""
+    state_shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    step = functools.partial(train_step, graphdef=graphdef, config=config, codec=codec, tx=make_optimizer(config.train))
+    return jax.jit(
+        step,
+        in_shardings=(state_shardings, batch_sharding(mesh), replicated),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=0,
+    )

@@ -1,0 +1,150 @@
+"""The training loop and train.py: resuming is exact, a killed run resumes from its last
+complete checkpoint, two processes train like one, and bad configs fail clearly."""
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import train as train_script
+from jaxdit.checkpoint import Checkpointer
+from jaxdit.config import apply_overrides, load_config
+from jaxdit.sharding import make_mesh
+from jaxdit.train_loop import train
+from jaxdit.train_step import abstract_train_state
+
+ROOT = pathlib.Path(__file__).parent.parent
+TINY = load_config(ROOT / "configs" / "tiny.py")
+
+
+def tiny(*overrides: str):
+    return apply_overrides(TINY, list(overrides))
+
+
+def losses(workdir) -> dict[int, float]:
+    lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    return {record["step"]: record["loss"] for record in map(json.loads, lines)}
+
+
+def restored(workdir, config, step=None, mesh=None):
+    mesh = mesh or make_mesh()
+    with Checkpointer(pathlib.Path(workdir) / "checkpoints", read_only=True) as checkpointer:
+        return checkpointer.restore(abstract_train_state(config, mesh), step=step)
+
+
+def arrays(state) -> list[np.ndarray]:
+    return [np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x)
+            for x in jax.tree.leaves(state)]
+
+
+def test_two_n_steps_equal_n_steps_restart_n_steps_bit_for_bit(tmp_path):
+    config = tiny("--train.steps", "4")
+    train(config, tmp_path / "straight")
+    train(tiny("--train.steps", "2"), tmp_path / "restarted")
+    train(config, tmp_path / "restarted")  # resumes at step 2: state, EMA, optimizer and data position
+    assert losses(tmp_path / "straight") == losses(tmp_path / "restarted")
+    straight, resumed = restored(tmp_path / "straight", config), restored(tmp_path / "restarted", config)
+    assert int(resumed.step) == 4
+    assert all(np.array_equal(a, b) for a, b in zip(arrays(straight), arrays(resumed)))
+
+
+def test_a_run_resumes_onto_another_mesh(tmp_path):
+    train(tiny("--train.steps", "2"), tmp_path)
+    sharded_mesh = make_mesh(fsdp=4)
+    state = restored(tmp_path, TINY, mesh=sharded_mesh)
+    replicated = restored(tmp_path, TINY, mesh=make_mesh(devices=jax.devices()[:1]))
+    assert any("fsdp" in str(x.sharding.spec) for x in jax.tree.leaves(state.params))
+    assert all(np.array_equal(a, b) for a, b in zip(arrays(state), arrays(replicated)))
+    metrics = train(tiny("--train.steps", "3", "--train.fsdp", "4"), tmp_path)  # and trains on from there
+    assert np.isfinite(metrics["loss"]) and int(restored(tmp_path, TINY).step) == 3
+
+
+def test_a_run_that_keeps_failing_stops_with_a_clear_error(tmp_path):
+    config = tiny("--train.steps", "20", "--train.learning_rate", "1e30", "--train.max_bad_steps", "2", "--train.grad_clip", "0")
+    with pytest.raises(FloatingPointError, match="not finite for 2 steps in a row"):
+        train(config, tmp_path)
+
+
+def test_train_py_writes_metrics_tensorboard_and_checkpoints_then_resumes(tmp_path, capsys):
+    args = ["--config", str(ROOT / "configs" / "tiny.py"), "--workdir", str(tmp_path), "--train.steps", "2"]
+    assert train_script.main(args) == 0
+    assert sorted(losses(tmp_path)) == [1, 2]
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"loss", "grad_norm", "param_norm", "learning_rate", "samples_per_s"} <= set(record)
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert Checkpointer(tmp_path / "checkpoints", read_only=True).all_steps() == [2]
+    assert train_script.main(args[:-1] + ["3"]) == 0  # resumes at 2, runs one more step
+    assert sorted(losses(tmp_path)) == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--train.batch_size", "12"], "divisible by the 8 devices"),
+        (["--model.variant", "Q/2"], "not a known variant"),
+        (["--train.stepz", "3"], "unknown config field '--train.stepz'"),
+        (["--train.steps", "three"], "takes a int"),
+        (["--config", "configs/nope.py"], "does not exist"),
+    ],
+)
+def test_train_py_rejects_bad_configs_clearly(tmp_path, capsys, args, message):
+    args = ["--config", str(ROOT / "configs" / "tiny.py"), "--workdir", str(tmp_path), *args]
+    with pytest.raises(SystemExit) as exit_info:
+        train_script.main(args)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def _run_train(workdir, *extra, env=None, **popen):
+    command = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "tiny.py"), "--workdir", str(workdir), *extra]
+    return subprocess.Popen(command, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def test_a_killed_run_resumes_from_its_last_complete_checkpoint(tmp_path):
+    args = ["--train.steps", "400", "--train.checkpoint_every", "3", "--train.keep_checkpoints", "2"]
+    process = _run_train(tmp_path, *args)
+    checkpoints = tmp_path / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and not any(p.name.isdigit() and int(p.name) >= 9 for p in checkpoints.glob("*")):
+        assert process.poll() is None, process.stdout.read()
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)  # no chance to clean up, possibly in the middle of a save
+    process.wait()
+    complete = Checkpointer(checkpoints, read_only=True).latest_step()
+    assert complete is not None and complete >= 9
+    resumed = _run_train(tmp_path, "--train.steps", str(complete + 2), "--train.checkpoint_every", "3")
+    output, _ = resumed.communicate(timeout=240)
+    assert resumed.returncode == 0, output
+    assert f"from step {complete}" in output
+    assert int(restored(tmp_path, TINY).step) == complete + 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one(tmp_path):
+    """Two jax.distributed processes of 4 CPU devices each, against one process of 8."""
+    args = ["--train.steps", "2"]
+    single = _run_train(tmp_path / "one", *args)
+    output, _ = single.communicate(timeout=240)
+    assert single.returncode == 0, output
+    port = _free_port()
+    four_devices = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2"}
+    processes = [_run_train(tmp_path / "two", *args, env={**four_devices, "JAX_PROCESS_ID": str(i)}) for i in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in processes]
+    assert all(p.returncode == 0 for p in processes), outputs
+    assert "process 0 of 2" in outputs[0] and "process 1 of 2" in outputs[1]
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == [1, 2]
+    np.testing.assert_allclose([two[s] for s in (1, 2)], [one[s] for s in (1, 2)], rtol=1e-5)
