@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:  # found once the devices and the workdir are known
         parser.error(str(error))
     if metrics:
-        print(f"done: step {metrics.get('step', config.train.steps)}, loss {metrics['loss']:.4f}; run in {workdir}")
+        print(f"step {metrics['step']} of {config.train.steps}, loss {metrics['loss']:.4f}; run in {workdir}")
     return 0
 
 

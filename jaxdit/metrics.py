@@ -22,7 +22,7 @@ class MetricsWriter:
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
-        record = {"step": step, "time": time.time(), **{k: _plain(v) for k, v in metrics.items()}}
+        record = {**{k: _plain(v) for k, v in metrics.items()}, "step": step, "time": time.time()}
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
         for name, value in record.items():

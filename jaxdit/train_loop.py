@@ -159,7 +159,7 @@ class _Rate:
 
 
 def _report(step: int, metrics: dict, cfg, writer: MetricsWriter, progress, rate: _Rate) -> dict:
-    metrics = {name: value.item() for name, value in jax.device_get(metrics).items()}
+    metrics = {"step": step} | {name: value.item() for name, value in jax.device_get(metrics).items()}
     if metrics["skipped"]:
         log.warning("step %d: non-finite loss or gradients (%s); update skipped", step, metrics["loss"])
         if metrics["bad_steps"] >= cfg.max_bad_steps:
