@@ -21,7 +21,7 @@ from jaxdit.config import Config, ConfigError
 from jaxdit.data.pipeline import make_dataset
 from jaxdit.metrics import MetricsWriter
 from jaxdit.sharding import data_parallel_size, global_batch, make_mesh
-from jaxdit.train_step import TrainState, abstract_model, abstract_train_state, create_train_state, make_train_step
+from jaxdit.train_step import abstract_train_state, create_train_state, make_train_step, model_graphdef
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def train(config: Config, workdir: str | pathlib.Path) -> dict:
     check_config(config, mesh, codec)
     primary = jax.process_index() == 0
 
-    graphdef, _ = abstract_model(config)
+    graphdef = model_graphdef(config)
     abstract_state = abstract_train_state(config, mesh)
     checkpointer = Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints, every=cfg.checkpoint_every)
     dataset = make_dataset(
@@ -67,7 +67,7 @@ def train(config: Config, workdir: str | pathlib.Path) -> dict:
     data = iter(dataset)
     start = checkpointer.latest_step()
     if start is None:
-        state = create_train_state(config, mesh)
+        state = create_train_state(config, abstract_state)
         start = 0
     else:
         _check_same_run(checkpointer.restore_config(start), config, workdir)
@@ -84,6 +84,7 @@ def train(config: Config, workdir: str | pathlib.Path) -> dict:
     progress = _progress_bar(start, cfg.steps, enabled=primary)
     last_metrics, pending = {}, None
     rate = _Rate(start)
+    config_dict = config.to_dict()  # saved with every checkpoint
     step = start
     try:
         with _StopRequests() as stop:
@@ -96,11 +97,11 @@ def train(config: Config, workdir: str | pathlib.Path) -> dict:
                 pending = (step + 1, metrics)
                 step += 1
                 if step < cfg.steps:
-                    checkpointer.save(step, state, data_iterator=data, config=config.to_dict())
+                    checkpointer.save(step, state, data_iterator=data, config=config_dict)
         if pending is not None:
             last_metrics = _report(*pending, cfg, writer, progress, rate)
         if step > start:  # the final (or interrupted) step, whatever the checkpoint cadence
-            checkpointer.save(step, state, data_iterator=data, config=config.to_dict(), force=True)
+            checkpointer.save(step, state, data_iterator=data, config=config_dict, force=True)
         if stop.requested:
             log.warning("stopped at step %d on request; run the same command again to resume", step)
     finally:

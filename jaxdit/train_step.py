@@ -1,9 +1,9 @@
 """The train state and the pure train step `(state, batch, rng) -> (state, metrics)`.
 
-Shapes before memory: `create_train_state` traces the initialisation with `jax.eval_shape`,
-derives every array's sharding from the rules in `jaxdit.sharding`, then runs the
-initialisation once under `jit` with those output shardings, so nothing is ever built on one
-device and moved. `make_train_step` jits the step once with the same shardings and donates
+Shapes before memory: `abstract_train_state` traces the initialisation with `jax.eval_shape`
+and gives every array its sharding from the rules in `jaxdit.sharding`; `create_train_state`
+runs the initialisation once under `jit` with those output shardings, so nothing is ever built
+on one device and moved, and a checkpoint restores into the same abstract state. `make_train_step` jits the step once with the same shardings and donates
 the state.
 """
 
@@ -58,10 +58,9 @@ def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
     return optax.apply_if_finite(optax.chain(clip, adamw), max_consecutive_errors=_NEVER_GIVE_UP)
 
 
-def abstract_model(config: Config) -> tuple[nnx.GraphDef, nnx.State]:
-    """The Denoiser's structure and its parameters' shapes; no memory is used."""
-    graphdef, params, _ = nnx.split(nnx.eval_shape(lambda: Denoiser(config, rngs=nnx.Rngs(0))), nnx.Param, ...)
-    return graphdef, params
+def model_graphdef(config: Config) -> nnx.GraphDef:
+    """The Denoiser's structure, which merges with a state's arrays; no memory is used."""
+    return nnx.split(nnx.eval_shape(lambda: Denoiser(config, rngs=nnx.Rngs(0))), nnx.Param, ...)[0]
 
 
 def _init_state(config: Config, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
@@ -86,10 +85,10 @@ def abstract_train_state(config: Config, mesh: jax.sharding.Mesh) -> TrainState:
     )
 
 
-def create_train_state(config: Config, mesh: jax.sharding.Mesh) -> TrainState:
-    """A fresh train state, each array created directly with its sharding."""
+def create_train_state(config: Config, abstract_state: TrainState) -> TrainState:
+    """A fresh train state, each array created directly with the sharding `abstract_state` gives it."""
     init = functools.partial(_init_state, config, make_optimizer(config.train))
-    shardings = jax.tree.map(lambda x: x.sharding, abstract_train_state(config, mesh))
+    shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
     return jax.jit(init, out_shardings=shardings)(jax.random.key(config.train.seed))
 
 

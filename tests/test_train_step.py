@@ -14,17 +14,16 @@ from jaxdit.config import apply_overrides, load_config
 from jaxdit.data.pipeline import make_dataset
 from jaxdit.sharding import global_batch, make_mesh, param_axes
 from jaxdit.train_step import (
-    abstract_model, abstract_train_state, create_train_state, make_optimizer, make_train_step,
+    abstract_train_state, create_train_state, make_optimizer, make_train_step, model_graphdef,
 )
 
 TINY = load_config("configs/tiny.py")
 
 
 def setup(config, mesh):
-    graphdef, _ = abstract_model(config)
     abstract = abstract_train_state(config, mesh)
-    step = make_train_step(config, graphdef, IdentityCodec(), mesh, abstract)
-    return create_train_state(config, mesh), step
+    step = make_train_step(config, model_graphdef(config), IdentityCodec(), mesh, abstract)
+    return create_train_state(config, abstract), step
 
 
 def first_batch(config, mesh):
@@ -95,7 +94,7 @@ def test_ema_follows_the_parameters_at_its_decay():
 
 def test_weight_decay_only_on_matrices():
     config = apply_overrides(TINY, ["--train.weight_decay", "0.5", "--train.learning_rate", "1e-2"])
-    state = create_train_state(config, make_mesh(devices=jax.devices()[:1]))
+    state = create_train_state(config, abstract_train_state(config, make_mesh(devices=jax.devices()[:1])))
     tx = make_optimizer(config.train)
     zero_grads = jax.tree.map(jnp.zeros_like, state.params)  # so only weight decay can move a parameter
     updates, _ = tx.update(zero_grads, tx.init(state.params), state.params)
@@ -123,9 +122,8 @@ def test_train_step_lowers_for_xl_from_shapes_alone():
         train=dataclasses.replace(TINY.train, batch_size=8, fsdp=8),
     )
     mesh = make_mesh(fsdp=8)
-    graphdef, _ = abstract_model(config)
     abstract = abstract_train_state(config, mesh)
-    step = make_train_step(config, graphdef, IdentityCodec(), mesh, abstract)
+    step = make_train_step(config, model_graphdef(config), IdentityCodec(), mesh, abstract)
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
     length = config.text.max_length
     batch = {
