@@ -7,7 +7,7 @@ Run: python train.py --config configs/shapes.py
      python train.py --config configs/shapes.py --train.batch_size 128 --model.remat dots
 """
 
-from jaxdit import Config, DataConfig, DiffusionConfig, ModelConfig, TextConfig, TrainConfig
+from jaxdit import Config, DataConfig, DiffusionConfig, ModelConfig, SampleConfig, TextConfig, TrainConfig
 
 
 def get_config() -> Config:
@@ -20,5 +20,14 @@ def get_config() -> Config:
         train=TrainConfig(
             steps=50_000, batch_size=64, learning_rate=2e-4, warmup_steps=1000, lr_schedule="cosine",
             ema_decay=0.9999, checkpoint_every=2000, log_every=100,
+        ),
+        sample=SampleConfig(
+            prompts=(
+                "a large red circle moving left",
+                "a small blue square moving up and a large yellow triangle moving right",
+                "a large white square moving down",
+                "a small magenta circle moving right and a small green triangle moving left",
+            ),
+            every=5000, num_samples=2,
         ),
     )

@@ -4,11 +4,20 @@
 width 128 with a 2-block byte-level text encoder learns colour and direction from the captions.
 Trains on 2 CPU cores in about 6 minutes (2000 steps, ~100 samples/s).
 
+Sample videos of PROMPTS are written to runs/shapes_tiny/samples/ every 500 steps and at the end.
+
 Run: python train.py                         (this config, into runs/shapes_tiny/)
      python train.py --train.steps 4000      (longer; resumes where the last run stopped)
 """
 
-from jaxdit import Config, DataConfig, DiffusionConfig, ModelConfig, TextConfig, TrainConfig
+from jaxdit import Config, DataConfig, DiffusionConfig, ModelConfig, SampleConfig, TextConfig, TrainConfig
+
+PROMPTS = (
+    "a large red circle moving left",
+    "a large blue square moving right",
+    "a small green triangle moving up",
+    "a large yellow circle moving down",
+)
 
 
 def get_config() -> Config:
@@ -22,4 +31,5 @@ def get_config() -> Config:
             steps=2000, batch_size=16, learning_rate=1e-3, warmup_steps=100, lr_schedule="cosine",
             ema_decay=0.995, checkpoint_every=500, log_every=50,
         ),
+        sample=SampleConfig(prompts=PROMPTS, every=500, steps=50, cfg_scale=2.0),
     )

@@ -6,12 +6,22 @@ Importing jaxdit stays light: video and data libraries are imported where they a
 """
 
 from jaxdit.config import (
-    VARIANTS, CodecConfig, Config, DataConfig, DiffusionConfig, ModelConfig, TextConfig, TrainConfig, load_config,
+    VARIANTS, CodecConfig, Config, DataConfig, DiffusionConfig, ModelConfig, SampleConfig, TextConfig, TrainConfig,
+    load_config,
 )
 from jaxdit.model import VideoDiT
 
 __all__ = [
-    "VARIANTS", "CodecConfig", "Config", "DataConfig", "DiffusionConfig", "ModelConfig", "TextConfig",
-    "TrainConfig", "VideoDiT", "load_config",
+    "VARIANTS", "CodecConfig", "Config", "DataConfig", "DiffusionConfig", "ModelConfig", "SampleConfig", "TextConfig",
+    "TrainConfig", "Pipeline", "VideoDiT", "load_config",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Pipeline pulls in orbax and the sampler; importing it only when asked keeps `import jaxdit` light.
+    if name == "Pipeline":
+        from jaxdit.pipeline import Pipeline
+
+        return Pipeline
+    raise AttributeError(f"module 'jaxdit' has no attribute {name!r}")

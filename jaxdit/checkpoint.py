@@ -134,6 +134,19 @@ class Checkpointer:
         log.info("restored step %d from %s", step, self.directory)
         return restored[STATE]
 
+    def restore_weights(self, abstract_state, *, step: int | None = None) -> dict:
+        """Only what sampling needs: {"ema", "model_rngs"} of `step`'s state, laid out as `abstract_state` says.
+
+        The parameters and optimizer moments are never read, so a reader needs a third of the memory.
+        """
+        step = self._existing_step(step)
+        target = {"ema": abstract_state.ema, "model_rngs": abstract_state.model_rngs}
+        args = ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
+        )
+        with ocp.PyTreeCheckpointer() as reader:
+            return reader.restore(self.directory / str(step) / STATE, args=args)
+
     def restore_config(self, step: int | None = None) -> dict:
         """The config saved with `step` (default: the newest checkpoint)."""
         step = self._existing_step(step)

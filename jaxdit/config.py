@@ -35,6 +35,7 @@ NOISE_SCHEDULES = ("linear", "cosine")  # beta schedules of the forward process 
 PREDICTIONS = ("epsilon", "v", "x0")
 LR_SCHEDULES = ("constant", "cosine")  # after the linear warm-up
 CODECS = ("identity",)  # identity: the model works on pixels scaled to [-1, 1]
+SAMPLERS = ("ddim", "ddpm")  # deterministic (eta 0) or ancestral reverse diffusion
 
 class ConfigError(ValueError):
     """A config that cannot run here (e.g. a batch that does not split over the devices)."""
@@ -238,6 +239,27 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SampleConfig:
+    """How a run's videos are generated: sample.py's and Pipeline's defaults, train.py's previews."""
+
+    sampler: str = "ddim"  # one of SAMPLERS
+    steps: int = 50  # visited diffusion steps, evenly spaced over the training steps
+    eta: float = 0.0  # DDIM's noise scale: 0 deterministic, 1 as much noise as DDPM
+    cfg_scale: float = 4.0  # classifier-free guidance g; 1 turns guidance off (one pass per step)
+    fps: float = 8.0  # frames per second of written .mp4 / .gif files
+    prompts: tuple[str, ...] = ()  # train.py writes videos of these; on the command line: "a ...;a ..."
+    num_samples: int = 1  # samples of each prompt in train.py's videos
+    every: int = 0  # steps between train.py's videos; 0: only at the end of training
+
+    def __post_init__(self):
+        object.__setattr__(self, "prompts", tuple(self.prompts))  # a list after a JSON round trip
+        _check_choice("sample.sampler", self.sampler, SAMPLERS)
+        _check_minimums("sample", self, steps=1, num_samples=1, every=0)
+        if self.eta < 0 or self.cfg_scale < 0 or self.fps <= 0:
+            raise ValueError("sample.eta and sample.cfg_scale must be >= 0 and sample.fps positive.")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """Everything a run needs."""
 
@@ -248,6 +270,7 @@ class Config:
     diffusion: DiffusionConfig = dataclasses.field(default_factory=DiffusionConfig)
     codec: CodecConfig = dataclasses.field(default_factory=CodecConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -276,6 +299,8 @@ def _section(section_type, name: str, values: dict):
 
 def _parse_value(flag: str, text: str, current):
     """A command-line string as the type of the field's current value."""
+    if isinstance(current, tuple):  # prompts: separated by ";"
+        return tuple(part.strip() for part in text.split(";") if part.strip())
     if isinstance(current, bool):
         if text.lower() not in ("true", "false", "1", "0"):
             raise ValueError(f"{flag} takes true or false, got {text!r}.")

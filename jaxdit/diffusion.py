@@ -83,6 +83,29 @@ def make_schedule(kind: str = "linear", num_steps: int = 1000) -> Schedule:
             f"the {kind} schedule with num_steps={num_steps} has betas outside (0, 1) "
             f"(max {betas.max():.3g}); use more steps or the cosine schedule."
         )
+    return _schedule_from_betas(betas)
+
+
+def respace(kind: str, num_steps: int, timesteps: np.ndarray) -> Schedule:
+    """The chain that visits only `timesteps` (increasing) of the `num_steps`-step schedule.
+
+    Its step i goes from timesteps[i] to timesteps[i - 1] with beta_i = 1 - ac[t_i] / ac[t_{i-1}],
+    so alphas_cumprod are the original ones at those steps (DiT's SpacedDiffusion). Gather with
+    the index i; the network still sees the original step timesteps[i].
+    """
+    timesteps = np.asarray(timesteps)
+    if timesteps.ndim != 1 or timesteps.size < 1 or np.any(np.diff(timesteps) <= 0):
+        raise ValueError(f"timesteps must be a non-empty increasing 1-D array; got {timesteps}.")
+    if timesteps[0] < 0 or timesteps[-1] >= num_steps:
+        raise ValueError(f"timesteps must lie in [0, {num_steps}); got {timesteps[0]}..{timesteps[-1]}.")
+    make_schedule(kind, num_steps)  # validates kind and num_steps
+    ac = np.cumprod(1.0 - _betas(kind, num_steps))[timesteps]  # float64 (S,)
+    return _schedule_from_betas(1.0 - ac / np.append(1.0, ac[:-1]))
+
+
+def _schedule_from_betas(betas: np.ndarray) -> Schedule:
+    """float64 betas (S,) -> the float32 Schedule of everything derived from them."""
+    num_steps = betas.shape[0]
     alphas = 1.0 - betas
     ac = np.cumprod(alphas)
     ac_prev = np.append(1.0, ac[:-1])
@@ -111,7 +134,7 @@ def _check_prediction(prediction: str) -> None:
         raise ValueError(f"prediction must be one of {', '.join(PREDICTIONS)}; got {prediction!r}.")
 
 
-def _at(values: jax.Array, t: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+def gather(values: jax.Array, t: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     """values[t] shaped (B, 1, ..., 1) to broadcast over the non-batch axes of an x of `shape`."""
     t = jnp.asarray(t)
     if not jnp.issubdtype(t.dtype, jnp.integer):
@@ -136,7 +159,7 @@ def sample_timesteps(rng: jax.Array, batch_size: int, num_steps: int) -> jax.Arr
 
 def _signal_noise(schedule: Schedule, t: jax.Array, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
     """(sqrt(ac_t), sqrt(1 - ac_t)), each (B, 1, ..., 1): the weights of x0 and of the noise in x_t."""
-    return _at(schedule.sqrt_alphas_cumprod, t, shape), _at(schedule.sqrt_one_minus_alphas_cumprod, t, shape)
+    return gather(schedule.sqrt_alphas_cumprod, t, shape), gather(schedule.sqrt_one_minus_alphas_cumprod, t, shape)
 
 
 def q_sample(schedule: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
@@ -163,8 +186,8 @@ def predict_x0(schedule: Schedule, x_t: jax.Array, t: jax.Array, model_output: j
     _check_prediction(prediction)
     x_t, out = _f32(x_t, model_output)
     if prediction == "epsilon":  # x0 = (x_t - sqrt(1 - ac) eps) / sqrt(ac), with float64-precomputed ratios
-        recip = _at(schedule.sqrt_recip_alphas_cumprod, t, x_t.shape)
-        return recip * x_t - _at(schedule.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * out
+        recip = gather(schedule.sqrt_recip_alphas_cumprod, t, x_t.shape)
+        return recip * x_t - gather(schedule.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * out
     if prediction == "x0":
         return out
     signal, sigma = _signal_noise(schedule, t, x_t.shape)
@@ -188,15 +211,15 @@ def predict_epsilon(
 def q_posterior_mean(schedule: Schedule, x0: jax.Array, x_t: jax.Array, t: jax.Array) -> jax.Array:
     """Mean of q(x_{t-1} | x_t, x0)."""
     x0, x_t = _f32(x0, x_t)
-    coef1, coef2 = _at(schedule.posterior_mean_coef1, t, x_t.shape), _at(schedule.posterior_mean_coef2, t, x_t.shape)
+    coef1, coef2 = gather(schedule.posterior_mean_coef1, t, x_t.shape), gather(schedule.posterior_mean_coef2, t, x_t.shape)
     return coef1 * x0 + coef2 * x_t
 
 
 def model_log_variance(schedule: Schedule, t: jax.Array, var_values: jax.Array) -> jax.Array:
     """DiT's learned range: var_values -1 -> the posterior log variance, +1 -> log(beta_t)."""
     (var_values,) = _f32(var_values)
-    min_log = _at(schedule.posterior_log_variance_clipped, t, var_values.shape)
-    max_log = _at(schedule.log_betas, t, var_values.shape)
+    min_log = gather(schedule.posterior_log_variance_clipped, t, var_values.shape)
+    max_log = gather(schedule.log_betas, t, var_values.shape)
     frac = (var_values + 1) / 2
     return frac * max_log + (1 - frac) * min_log
 
@@ -228,7 +251,7 @@ def _vb_bits(schedule, x0, x_t, t, model_output, var_values, prediction) -> jax.
     model_mean = q_posterior_mean(schedule, predict_x0(schedule, x_t, t, model_output, prediction), x_t, t)
     log_variance = model_log_variance(schedule, t, var_values)
     true_mean = q_posterior_mean(schedule, x0, x_t, t)
-    true_log_variance = _at(schedule.posterior_log_variance_clipped, t, x_t.shape)
+    true_log_variance = gather(schedule.posterior_log_variance_clipped, t, x_t.shape)
     kl = normal_kl(true_mean, true_log_variance, model_mean, log_variance)
     decoder_nll = -discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * log_variance)  # log std = log var / 2
     return jnp.where(t == 0, _mean_flat(decoder_nll), _mean_flat(kl)) / math.log(2.0)  # (B,) nats -> bits

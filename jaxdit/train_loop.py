@@ -20,6 +20,7 @@ from jaxdit.codec import make_codec
 from jaxdit.config import Config, ConfigError
 from jaxdit.data.pipeline import make_dataset
 from jaxdit.metrics import MetricsWriter
+from jaxdit.pipeline import VideoSampler
 from jaxdit.sharding import data_parallel_size, global_batch, make_mesh
 from jaxdit.train_step import abstract_train_state, create_train_state, make_train_step, model_graphdef
 
@@ -78,6 +79,7 @@ def train(config: Config, workdir: str | pathlib.Path) -> dict:
         config.name, f"{parameter_count(state.params):,}", mesh.size, dict(mesh.shape),
     )
     step_fn = make_train_step(config, graphdef, codec, mesh, abstract_state)
+    samples = _Samples(config, graphdef, codec, mesh, abstract_state, workdir, enabled=primary)
     # The run's root key never changes; a host copy outlives the state, which each step donates.
     root_rng = jax.random.wrap_key_data(np.asarray(jax.random.key_data(state.rng)))
     writer = MetricsWriter(workdir, enabled=primary)
@@ -98,12 +100,16 @@ def train(config: Config, workdir: str | pathlib.Path) -> dict:
                 step += 1
                 if step < cfg.steps:
                     checkpointer.save(step, state, data_iterator=data, config=config_dict)
+                    if config.sample.every and step % config.sample.every == 0:
+                        samples.write(step, state)
         if pending is not None:
             last_metrics = _report(*pending, cfg, writer, progress, rate)
         if step > start:  # the final (or interrupted) step, whatever the checkpoint cadence
             checkpointer.save(step, state, data_iterator=data, config=config_dict, force=True)
         if stop.requested:
             log.warning("stopped at step %d on request; run the same command again to resume", step)
+        elif not samples.written(step):  # the end of training (also when a finished run is run again)
+            samples.write(step, state)
     finally:
         checkpointer.wait()
         checkpointer.close()
@@ -120,6 +126,38 @@ def _check_same_run(saved: dict, config: Config, workdir: pathlib.Path) -> None:
             f"{workdir} holds a run whose {', '.join(changed)} config differs from this one; "
             "resume it with the same settings, or train into a new --workdir."
         )
+
+
+class _Samples:
+    """Videos of the config's `sample.prompts` from the EMA weights: workdir/samples/step_N.{mp4,png}."""
+
+    def __init__(self, config: Config, graphdef, codec, mesh, abstract_state, workdir: pathlib.Path, *, enabled: bool):
+        self.config, self.enabled = config, enabled
+        self.directory = workdir / "samples"
+        shardings = jax.tree.map(lambda x: x.sharding, abstract_state.ema)
+        self.sampler = VideoSampler(config, graphdef, codec, mesh, shardings)
+
+    def _path(self, step: int, suffix: str) -> pathlib.Path:
+        return self.directory / f"step_{step:07d}{suffix}"
+
+    def written(self, step: int) -> bool:
+        return not self.config.sample.prompts or self._path(step, ".mp4").exists()
+
+    def write(self, step: int, state) -> None:
+        from jaxdit.video_io import write_videos
+
+        s = self.config.sample
+        if not s.prompts:
+            return
+        prompts = [p for p in s.prompts for _ in range(s.num_samples)]
+        videos = self.sampler(
+            state.ema, state.model_rngs, prompts, seed=self.config.train.seed, sampler=s.sampler, steps=s.steps,
+            eta=s.eta, cfg_scale=s.cfg_scale, num_frames=self.config.data.num_frames, size=self.config.data.size,
+        )  # (P * S, T, H, W, 3) uint8, on every process
+        if self.enabled:
+            for suffix in (".png", ".mp4"):  # the mp4 last: its presence marks the step as done
+                write_videos(self._path(step, suffix), videos, prompts, fps=s.fps, num_samples=s.num_samples)
+            log.info("step %d: sample videos of %d prompts in %s", step, len(s.prompts), self._path(step, ".mp4"))
 
 
 class _StopRequests:

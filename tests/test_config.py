@@ -84,3 +84,17 @@ def test_load_config_errors(tmp_path):
     (tmp_path / "wrong.py").write_text("def get_config():\n    return {}\n")
     with pytest.raises(TypeError, match="not jaxdit.Config"):
         jaxdit.load_config(tmp_path / "wrong.py")
+
+
+def test_sample_prompts_from_the_command_line_and_through_json():
+    import json
+
+    config = jaxdit.config.apply_overrides(
+        jaxdit.Config(), ["--sample.prompts", "a red circle moving left; a blue square moving up;", "--sample.cfg_scale", "2"]
+    )
+    assert config.sample.prompts == ("a red circle moving left", "a blue square moving up")
+    assert config.sample.cfg_scale == 2.0
+    assert jaxdit.Config.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    for field, value in [("sampler", "euler"), ("steps", 0), ("eta", -1.0), ("fps", 0.0)]:
+        with pytest.raises(ValueError, match="sample"):
+            jaxdit.SampleConfig(**{field: value})

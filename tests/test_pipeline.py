@@ -6,6 +6,7 @@ import pytest
 
 import jaxdit
 from jaxdit.data.pipeline import make_dataset
+from jaxdit import video_io
 from jaxdit.text import ByteTokenizer
 
 
@@ -155,6 +156,6 @@ def test_a_video_folder_config_gives_batches_and_a_preview(tmp_path):
     )
     preview.main(["--config", str(config_file), "--out", str(tmp_path / "grid.png"), "--num-clips", "5"])
     grid = np.asarray(Image.open(tmp_path / "grid.png"))
-    assert grid.shape[0] == 2 * (preview._TEXT_HEIGHT + 96)  # the two usable clips, one row each
+    assert grid.shape[0] == 2 * (video_io.TEXT_HEIGHT + 96)  # the two usable clips, one row each
     preview.main(["--config", str(config_file), "--out", str(tmp_path / "clips.gif")])
     assert Image.open(tmp_path / "clips.gif").n_frames == 4

@@ -73,16 +73,23 @@ def test_a_run_that_keeps_failing_stops_with_a_clear_error(tmp_path):
         train(config, tmp_path)
 
 
-def test_train_py_writes_metrics_tensorboard_and_checkpoints_then_resumes(tmp_path, capsys):
-    args = ["--config", str(ROOT / "configs" / "tiny.py"), "--workdir", str(tmp_path), "--train.steps", "2"]
-    assert train_script.main(args) == 0
+def test_train_py_writes_metrics_tensorboard_checkpoints_and_samples_then_resumes(tmp_path, capsys):
+    samples = ["--sample.prompts", "a large red circle moving left; a small blue square moving up", "--sample.steps", "2"]
+    args = ["--config", str(ROOT / "configs" / "tiny.py"), "--workdir", str(tmp_path), *samples, "--train.steps", "2"]
+    assert train_script.main([*args, "--sample.every", "1"]) == 0
     assert sorted(losses(tmp_path)) == [1, 2]
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"loss", "grad_norm", "param_norm", "learning_rate", "samples_per_s"} <= set(record)
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert Checkpointer(tmp_path / "checkpoints", read_only=True).all_steps() == [2]
+    written = sorted(path.name for path in (tmp_path / "samples").iterdir())
+    assert written == [f"step_000000{step}{suffix}" for step in (1, 2) for suffix in (".mp4", ".png")]
     assert train_script.main(args[:-1] + ["3"]) == 0  # resumes at 2, runs one more step
     assert sorted(losses(tmp_path)) == [1, 2, 3]
+    assert (tmp_path / "samples" / "step_0000003.mp4").exists()  # the end of training always has samples
+    (tmp_path / "samples" / "step_0000003.mp4").unlink()
+    assert train_script.main(args[:-1] + ["3"]) == 0  # a finished run writes its missing final samples
+    assert (tmp_path / "samples" / "step_0000003.mp4").exists() and sorted(losses(tmp_path)) == [1, 2, 3]
 
 
 @pytest.mark.parametrize(
@@ -134,8 +141,8 @@ def _free_port() -> int:
 
 
 def test_two_processes_train_like_one(tmp_path):
-    """Two jax.distributed processes of 4 CPU devices each, against one process of 8."""
-    args = ["--train.steps", "2"]
+    """Two jax.distributed processes of 4 CPU devices each, against one process of 8, sample videos included."""
+    args = ["--train.steps", "2", "--sample.prompts", "a large red circle moving left", "--sample.steps", "2"]
     single = _run_train(tmp_path / "one", *args)
     output, _ = single.communicate(timeout=240)
     assert single.returncode == 0, output
@@ -148,3 +155,5 @@ def test_two_processes_train_like_one(tmp_path):
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(one) == sorted(two) == [1, 2]
     np.testing.assert_allclose([two[s] for s in (1, 2)], [one[s] for s in (1, 2)], rtol=1e-5)
+    for run in ("one", "two"):  # sampled over every device of every process, written once
+        assert sorted(p.name for p in (tmp_path / run / "samples").iterdir()) == ["step_0000002.mp4", "step_0000002.png"]

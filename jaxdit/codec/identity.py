@@ -16,6 +16,7 @@ class IdentityCodec:
     channels = 3  # latent channels C
     factors = (1, 1, 1)  # compression in (T, H, W)
     scale = 1.0  # latents = scale * encoder output; pixels in [-1, 1] need no rescaling
+    clip_latents = True  # latents are bounded to [-1, 1], so the sampler clips its x0 estimates
 
     def latent_shape(self, video_shape: tuple[int, ...]) -> tuple[int, ...]:
         return (*video_shape[:-1], self.channels)

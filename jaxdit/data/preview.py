@@ -9,53 +9,35 @@ GIF: the clips side by side, playing, each with its caption underneath.
 
 import argparse
 import pathlib
-import textwrap
 
 import numpy as np
 
 from jaxdit.config import load_config
 from jaxdit.data.pipeline import make_source
+from jaxdit.video_io import GAP, label, upscale
 
-_CELL = 96  # each frame is shown at least this many pixels wide (nearest-neighbour upscaling)
-_TEXT_HEIGHT = 28  # room for two lines of caption in PIL's default font
 _GIF_FRAME_MS = 125  # 8 frames per second
-_GAP = 2  # white pixels between the frames of a grid row
-
-
-def _upscale(video: np.ndarray) -> np.ndarray:
-    """(T, H, W, 3) -> (T, H*k, W*k, 3) with k the smallest factor reaching _CELL pixels."""
-    k = max(1, -(-_CELL // video.shape[2]))
-    return video.repeat(k, axis=1).repeat(k, axis=2)
-
-
-def _label(width: int, caption: str):
-    from PIL import Image, ImageDraw
-
-    image = Image.new("RGB", (width, _TEXT_HEIGHT), "white")
-    lines = textwrap.wrap(caption or "(empty caption)", width=max(8, width // 6))[:2]
-    ImageDraw.Draw(image).multiline_text((2, 1), "\n".join(lines), fill="black", spacing=2)
-    return np.asarray(image)  # (_TEXT_HEIGHT, width, 3)
 
 
 def grid_image(clips: list[dict], columns: int) -> np.ndarray:
     """Clips -> (rows * (text + cell), columns * (cell + gap), 3) uint8: a row of frames per clip."""
     rows = []
     for clip in clips:
-        video = _upscale(clip["video"])  # (T, h, w, 3)
+        video = upscale(clip["video"])  # (T, h, w, 3)
         picks = np.linspace(0, len(video) - 1, min(columns, len(video))).round().astype(int)
-        gapped = np.pad(video[picks], ((0, 0), (0, 0), (0, _GAP), (0, 0)), constant_values=255)  # (k, h, w+gap, 3)
+        gapped = np.pad(video[picks], ((0, 0), (0, 0), (0, GAP), (0, 0)), constant_values=255)  # (k, h, w+gap, 3)
         frames = np.concatenate(list(gapped), axis=1)  # (h, k * (w + gap), 3)
-        rows += [_label(frames.shape[1], clip["caption"]), frames]
+        rows += [label(frames.shape[1], clip["caption"]), frames]
     return np.concatenate(rows, axis=0)
 
 
 def gif_frames(clips: list[dict]) -> np.ndarray:
     """Clips -> (T, cell + text, clips * cell, 3) uint8: the clips side by side, playing."""
-    videos = [_upscale(clip["video"]) for clip in clips]
+    videos = [upscale(clip["video"]) for clip in clips]
     length = min(len(v) for v in videos)
-    labels = [_label(v.shape[2], clip["caption"]) for v, clip in zip(videos, clips)]
-    panels = [np.concatenate([v[:length], np.broadcast_to(label, (length, *label.shape))], axis=1)
-              for v, label in zip(videos, labels)]  # each (T, h + text, w, 3)
+    labels = [label(v.shape[2], clip["caption"]) for v, clip in zip(videos, clips)]
+    panels = [np.concatenate([v[:length], np.broadcast_to(row, (length, *row.shape))], axis=1)
+              for v, row in zip(videos, labels)]  # each (T, h + text, w, 3)
     return np.concatenate(panels, axis=2)
 
 

@@ -1,0 +1,259 @@
+"""From a trained run to videos: `Pipeline.load(workdir).generate(prompts)`.
+
+    pipe = Pipeline.load("runs/shapes_tiny")                 # config + EMA weights of the latest checkpoint
+    videos = pipe.generate(["a large red circle moving left"], num_samples=2, seed=0)
+    videos.shape, videos.dtype                              # (2, 8, 32, 32, 3) uint8
+
+Generation is one jitted program per (sampler, steps, shape, batch): encode the prompts once,
+run the whole reverse diffusion as a `lax.scan` with classifier-free guidance batched into
+one forward pass, decode with the frozen codec, clip and convert to uint8. Samples are split
+over every local device. Sample j (prompts in order, the samples of a prompt adjacent) starts
+from the noise of fold_in(key(seed), j), so the same seed gives the same videos on any number
+of devices and at any batch size. `VideoSampler` is that program; train.py uses it too.
+"""
+
+import logging
+import math
+import pathlib
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxdit import sampling
+from jaxdit.checkpoint import Checkpointer
+from jaxdit.codec import make_codec, to_uint8
+from jaxdit.config import Config
+from jaxdit.sharding import batch_sharding, make_mesh
+from jaxdit.text import ByteTokenizer
+from jaxdit.train_step import abstract_train_state, model_graphdef
+
+log = logging.getLogger(__name__)
+
+
+def conditions(config: Config, prompts: list[str]) -> tuple[dict, dict]:
+    """Prompts -> the model's conditioning arrays (B, ...), and the null condition of CFG.
+
+    A text model reads the prompt (tokens, mask); a class-conditional model without text reads
+    it as a class index ("207"); the null condition is the empty caption and the null label.
+    """
+    model = config.model
+    cond, null = {}, {}
+    if model.has_text:
+        tokenizer = ByteTokenizer(config.text.max_length)
+        limit = config.text.max_length - 2
+        for prompt in prompts:
+            if len(prompt.encode("utf-8")) > limit:
+                warnings.warn(
+                    f"prompt of {len(prompt.encode('utf-8'))} bytes truncated to the model's {limit} "
+                    f"(text.max_length={config.text.max_length}): {prompt!r}", stacklevel=3,
+                )
+        tokenizer.truncated = 1  # warned above; keep the tokenizer's own log quiet
+        cond = tokenizer.encode_batch(prompts)  # text_tokens, text_mask (B, L)
+        null = tokenizer.encode_batch([""] * len(prompts))
+    if model.num_classes:
+        null["label"] = np.full(len(prompts), model.num_classes, np.int32)  # (B,) the null label
+        cond["label"] = null["label"] if model.has_text else _labels(prompts, model.num_classes)
+    return cond, null
+
+
+def _labels(prompts: list[str], num_classes: int) -> np.ndarray:
+    try:
+        labels = np.array([int(p) for p in prompts], np.int32)  # (B,)
+    except ValueError:
+        raise ValueError(
+            f"this model is class-conditional ({num_classes} classes, no text): prompts must be class "
+            f"indices such as '207'; got {prompts}."
+        ) from None
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"class indices must lie in [0, {num_classes}); got {labels.tolist()}.")
+    return labels
+
+
+class VideoSampler:
+    """The generation program of one model over one mesh: params + prompts -> uint8 videos."""
+
+    def __init__(self, config: Config, graphdef: nnx.GraphDef, codec, mesh: jax.sharding.Mesh, param_shardings):
+        self.config, self.graphdef, self.codec, self.mesh = config, graphdef, codec, mesh
+        self.param_shardings = param_shardings
+        self._programs = {}
+
+    def latent_shape(self, num_frames: int, size: int) -> tuple[int, int, int, int]:
+        """Frames and size of the videos -> one sample's latent shape (T, H, W, C), or a clear error."""
+        patch, factors = self.config.model.patch, self.codec.factors
+        for name, value, axis in (("frames", num_frames, 0), ("size", size, 1), ("size", size, 2)):
+            multiple = patch[axis] * factors[axis]
+            if value < 1 or value % multiple:
+                raise ValueError(
+                    f"this model cannot make videos of {value} {name}: {name} must be a positive multiple of "
+                    f"{multiple} (patch {patch} x codec compression {factors}); e.g. {max(multiple, value - value % multiple)}."
+                )
+        return tuple(self.codec.latent_shape((num_frames, size, size, 3)))
+
+    def __call__(
+        self, params, model_rngs, prompts: list[str], *, seed: int, sampler: str, steps: int, eta: float,
+        cfg_scale: float, num_frames: int, size: int, batch_size: int | None = None, progress: bool = False,
+    ) -> np.ndarray:
+        """One video per prompt (repeat a prompt for several samples) -> uint8 (B, T, H, W, 3)."""
+        config = self.config
+        sampling.check_sampler(sampler, steps, config.diffusion.num_steps)
+        shape = self.latent_shape(num_frames, size)
+        cond, null = conditions(config, prompts)
+        guided = bool(null) and cfg_scale != 1.0  # no condition, or g = 1: one pass per step
+        total = len(prompts)
+        devices = self.mesh.size
+        batch = devices * math.ceil(min(batch_size or total, total) / devices)  # a multiple of the devices
+        program = self._program(sampler, steps, eta, guided, shape, batch, progress)
+        bar = _progress_bar(math.ceil(total / batch) * steps, enabled=progress)
+        videos = []
+        with bar:
+            self._bar = bar
+            for start in range(0, total, batch):
+                index = np.arange(start, start + batch)  # (b,) sample indices; past `total`: padding
+                take = np.minimum(index, total - 1)
+                chunk = lambda arrays: {name: value[take] for name, value in arrays.items()}
+                inputs = (chunk(cond), chunk(null), index.astype(np.int32), np.uint32(seed), np.float32(cfg_scale))
+                out = program(params, model_rngs, *_global(inputs, self.mesh))  # (b, T, H, W, 3) uint8
+                videos.append(_to_host(out)[: total - start])
+            jax.effects_barrier()
+        return np.concatenate(videos)
+
+    def _program(self, sampler, steps, eta, guided, shape, batch, progress):
+        key = (sampler, steps, eta, guided, shape, batch, progress)
+        if key not in self._programs:
+            self._programs[key] = self._compile(sampler, steps, eta, guided, shape, progress)
+        return self._programs[key]
+
+    def _compile(self, sampler, steps, eta, guided, shape, progress):
+        config, codec, graphdef = self.config, self.codec, self.graphdef
+        channels = shape[-1]
+
+        def generate(params, model_rngs, cond, null, index, seed, cfg_scale):
+            model = nnx.merge(graphdef, params, model_rngs)
+            if guided:  # [conditional; null] in one batch
+                cond = jax.tree.map(lambda c, n: jnp.concatenate([c, n]), cond, null)
+            kwargs = {"label": cond.get("label")}
+            if config.model.has_text:  # the text is encoded once, not at every step
+                text = model.text_encoder(cond["text_tokens"], cond["text_mask"])  # (B, L, E)
+                kwargs |= {"text": text, "text_mask": cond["text_mask"]}
+            denoise = lambda x, t: model.dit(x, t, **kwargs)
+            if guided:
+                denoise = sampling.guide(denoise, cfg_scale, channels)
+            keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(index)  # (B,)
+            x0 = sampling.sample(
+                denoise, keys, shape, schedule_kind=config.diffusion.schedule,
+                num_train_steps=config.diffusion.num_steps, steps=steps, sampler=sampler, eta=eta,
+                prediction=config.diffusion.prediction, learn_sigma=config.model.learn_sigma,
+                clip_x0=codec.clip_latents, progress=self._advance if progress else None,
+            )  # (B, T, H, W, C)
+            return to_uint8(codec.decode(x0))  # (B, T', H', W', 3)
+
+        batched = batch_sharding(self.mesh)
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        return jax.jit(
+            generate,
+            in_shardings=(self.param_shardings, replicated, batched, batched, batched, replicated, replicated),
+            out_shardings=batched,
+        )
+
+    def _advance(self, done):
+        self._bar.update(1)
+
+
+def _global(inputs: tuple, mesh: jax.sharding.Mesh) -> tuple:
+    """Host arrays (the same on every process) -> global arrays: batched ones split, scalars replicated."""
+    batched, replicated = batch_sharding(mesh), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    put = lambda a: jax.make_array_from_callback(a.shape, batched if a.ndim else replicated, lambda i: a[i])
+    return jax.tree.map(lambda a: put(np.asarray(a)), inputs)
+
+
+def _to_host(array: jax.Array) -> np.ndarray:
+    if array.is_fully_addressable:
+        return np.asarray(array)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+def _progress_bar(total: int, *, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, disable=not enabled, unit="step", desc="sampling", dynamic_ncols=True)
+
+
+class Pipeline:
+    """A trained model ready to generate: `.config`, `.model` (the VideoDiT with EMA weights), `.codec`."""
+
+    def __init__(self, config: Config, params, model_rngs, *, step: int | None = None, devices=None):
+        self.config, self.step = config, step
+        self.codec = make_codec(config.codec)
+        mesh = make_mesh(1, devices=jax.local_devices() if devices is None else devices)
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        graphdef = model_graphdef(config)
+        params = jax.device_put(params, replicated)
+        self.denoiser = nnx.merge(graphdef, params, jax.device_put(model_rngs, replicated))
+        self._sampler = VideoSampler(config, graphdef, self.codec, mesh, replicated)
+
+    @property
+    def model(self):
+        """The VideoDiT (with the EMA weights); its text encoder is `denoiser.text_encoder`."""
+        return self.denoiser.dit
+
+    @classmethod
+    def load(cls, workdir: str | pathlib.Path, *, step: int | None = None, devices=None) -> "Pipeline":
+        """The run's config and the EMA weights of its latest checkpoint (or of `step`)."""
+        directory = pathlib.Path(workdir) / "checkpoints"
+        if not directory.is_dir():
+            raise FileNotFoundError(
+                f"no checkpoints in {str(workdir)!r} (looked for {str(directory)!r}); train a model first, "
+                f"e.g. python train.py --workdir {workdir}"
+            )
+        with Checkpointer(directory, read_only=True) as checkpointer:
+            if checkpointer.latest_step() is None:
+                raise FileNotFoundError(
+                    f"{str(directory)!r} holds no complete checkpoint; train (or resume) the run first."
+                )
+            step = checkpointer.latest_step() if step is None else step
+            config = Config.from_dict(checkpointer.restore_config(step))
+            mesh = make_mesh(1, devices=[jax.local_devices()[0]])
+            state = checkpointer.restore_weights(abstract_train_state(config, mesh), step=step)
+        log.info("loaded %s at step %d", workdir, step)
+        return cls(config, state["ema"], state["model_rngs"], step=step, devices=devices)
+
+    def generate(
+        self,
+        prompts: str | list[str],
+        *,
+        num_samples: int = 1,
+        steps: int | None = None,
+        sampler: str | None = None,
+        cfg_scale: float | None = None,
+        eta: float | None = None,
+        seed: int = 0,
+        num_frames: int | None = None,
+        size: int | None = None,
+        batch_size: int | None = None,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """Prompts -> uint8 videos (len(prompts) * num_samples, T, H, W, 3), samples of a prompt adjacent.
+
+        Unset arguments come from the run's `sample` config (sampler, steps, cfg_scale, eta) and
+        `data` config (num_frames, size). `batch_size` caps the samples per forward pass.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts or num_samples < 1:
+            raise ValueError(f"give at least one prompt and num_samples >= 1; got {len(prompts)} and {num_samples}.")
+        defaults, data = self.config.sample, self.config.data
+        _, params, model_rngs = nnx.split(self.denoiser, nnx.Param, ...)
+        return self._sampler(
+            params, model_rngs, [p for p in prompts for _ in range(num_samples)], seed=seed,
+            sampler=defaults.sampler if sampler is None else sampler,
+            steps=defaults.steps if steps is None else steps,
+            eta=defaults.eta if eta is None else eta,
+            cfg_scale=defaults.cfg_scale if cfg_scale is None else cfg_scale,
+            num_frames=data.num_frames if num_frames is None else num_frames,
+            size=data.size if size is None else size,
+            batch_size=batch_size, progress=progress,
+        )

@@ -1,0 +1,133 @@
+"""Reverse diffusion: DDIM and DDPM samplers over any subset of the training steps.
+
+The samplers are pure functions of arrays. `sample` runs the whole reverse process as one
+`lax.scan` inside whatever `jit` calls it: pure noise x_T -> x_0, with `denoise(x, t)` the
+network (already guided, see `guide`). Each step turns the network's output into an estimate
+of x0 (optionally clipped to the data range) and of the noise, then
+- DDIM (Song et al.) moves to the previous visited step deterministically (`eta=0`), or with
+  noise of scale eta * sigma_t (`eta=1` is DDPM-like);
+- DDPM (Ho et al.) draws from the posterior q(x_prev | x_t, x0_hat), whose variance is the
+  network's learned one (DiT's `learn_sigma`) or else the posterior variance.
+Visiting a subset of steps respaces the chain (`diffusion.respace`): coefficients are gathered
+with the index i of the visited step, the network sees the original step timesteps[i].
+
+Randomness is per sample: sample b draws x_T from fold_in(keys[b], 0) and step i's noise
+from fold_in(keys[b], i + 1), so a sample's pixels do not depend on the batch it is in.
+"""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdit import diffusion
+from jaxdit.config import SAMPLERS
+
+Denoise = Callable[[jax.Array, jax.Array], jax.Array]  # (x (B, ...), t (B,)) -> output (B, ..., C or 2C)
+
+
+def check_sampler(sampler: str, steps: int, num_train_steps: int) -> None:
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}.")
+    if not 1 <= steps <= num_train_steps:
+        raise ValueError(f"sampling steps must be between 1 and the {num_train_steps} training steps; got {steps}.")
+
+
+def timestep_subset(num_train_steps: int, steps: int) -> np.ndarray:
+    """`steps` training steps, evenly spaced from 0 to num_train_steps - 1, increasing (S,) int32."""
+    if not 1 <= steps <= num_train_steps:
+        raise ValueError(f"sampling steps must be between 1 and the {num_train_steps} training steps; got {steps}.")
+    if steps == 1:
+        return np.array([num_train_steps - 1], np.int32)
+    return np.round(np.linspace(0, num_train_steps - 1, steps)).astype(np.int32)
+
+
+def guide(denoise_pair: Denoise, cfg_scale: jax.Array, channels: int) -> Denoise:
+    """Classifier-free guidance from one batched pass over [conditional; unconditional] inputs.
+
+    `denoise_pair(x2, t2)` takes the batch twice, conditional halves first. The first
+    `channels` output channels (the prediction) become u + g * (c - u); a learned variance
+    (the rest) is the conditional one. Guiding x0 or v is the same as guiding eps: at a fixed
+    (x_t, t) each is an affine function of the others.
+    """
+
+    def denoise(x: jax.Array, t: jax.Array) -> jax.Array:
+        out = denoise_pair(jnp.concatenate([x, x]), jnp.concatenate([t, t]))  # (2B, ..., C or 2C)
+        cond, uncond = jnp.split(out, 2)  # (B, ..., C or 2C) each
+        guided = uncond[..., :channels] + cfg_scale * (cond[..., :channels] - uncond[..., :channels])
+        return jnp.concatenate([guided, cond[..., channels:]], axis=-1)
+
+    return denoise
+
+
+def _normal(keys: jax.Array, index, shape: tuple[int, ...]) -> jax.Array:
+    """One standard normal draw per sample from fold_in(keys[b], index) -> (B, *shape) float32."""
+    return jax.vmap(lambda key: jax.random.normal(jax.random.fold_in(key, index), shape, jnp.float32))(keys)
+
+
+def ddim_step(schedule: diffusion.Schedule, x_t, x0, eps, i, eta, noise) -> jax.Array:
+    """x at visited step i -> x at step i - 1 (x0 itself at i = 0)."""
+    ac = diffusion.gather(schedule.alphas_cumprod, i, x_t.shape)
+    ac_prev = diffusion.gather(schedule.alphas_cumprod_prev, i, x_t.shape)
+    sigma = eta * jnp.sqrt((1 - ac_prev) / (1 - ac) * (1 - ac / ac_prev))
+    mean = jnp.sqrt(ac_prev) * x0 + jnp.sqrt(jnp.maximum(1 - ac_prev - sigma**2, 0.0)) * eps
+    return mean + sigma * noise  # at i = 0: ac_prev = 1, sigma = 0, so x0 exactly
+
+
+def ddpm_step(schedule: diffusion.Schedule, x_t, x0, log_variance, i, noise) -> jax.Array:
+    """A draw from q(x_{i-1} | x_i, x0) with the given log variance; the mean alone at i = 0."""
+    mean = diffusion.q_posterior_mean(schedule, x0, x_t, i)
+    nonzero = (i > 0).astype(x_t.dtype).reshape((-1,) + (1,) * (x_t.ndim - 1))  # (B, 1, ..., 1)
+    return mean + nonzero * jnp.exp(0.5 * log_variance) * noise
+
+
+def sample(
+    denoise: Denoise,
+    keys: jax.Array,
+    shape: tuple[int, ...],
+    *,
+    schedule_kind: str,
+    num_train_steps: int,
+    steps: int,
+    sampler: str = "ddim",
+    eta: float = 0.0,
+    prediction: str = "epsilon",
+    learn_sigma: bool = False,
+    clip_x0: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> jax.Array:
+    """keys (B,) typed keys, shape (T, H, W, C) of one sample -> x0 (B, T, H, W, C) float32.
+
+    `progress(i)` is called from the device after each step (jax.debug.callback), i = 1..steps.
+    """
+    check_sampler(sampler, steps, num_train_steps)
+    timesteps = timestep_subset(num_train_steps, steps)  # (S,) increasing
+    schedule = diffusion.respace(schedule_kind, num_train_steps, timesteps)
+    channels = shape[-1]
+    batch = keys.shape[0]
+
+    def step(x: jax.Array, i: jax.Array):
+        index = jnp.full((batch,), i, jnp.int32)  # (B,) visited-step index
+        out = denoise(x, jnp.full((batch,), jnp.asarray(timesteps)[i], jnp.int32))  # (B, T, H, W, C or 2C)
+        mean_out = out[..., :channels]
+        x0 = diffusion.predict_x0(schedule, x, index, mean_out, prediction)  # (B, T, H, W, C)
+        if clip_x0:
+            x0 = jnp.clip(x0, -1.0, 1.0)
+        noise = _normal(keys, i + 1, shape)  # (B, T, H, W, C)
+        if sampler == "ddim":
+            eps = diffusion.predict_epsilon(schedule, x, index, x0, "x0")  # consistent with the clipped x0
+            x = ddim_step(schedule, x, x0, eps, index, eta, noise)
+        else:
+            if learn_sigma:
+                log_variance = diffusion.model_log_variance(schedule, index, out[..., channels:])
+            else:
+                log_variance = diffusion.gather(schedule.posterior_log_variance_clipped, index, x.shape)
+            x = ddpm_step(schedule, x, x0, log_variance, index, noise)
+        if progress is not None:
+            jax.debug.callback(progress, steps - i)
+        return x, None
+
+    x_T = _normal(keys, 0, shape)  # (B, T, H, W, C)
+    x0, _ = jax.lax.scan(step, x_T, jnp.arange(steps - 1, -1, -1))
+    return x0

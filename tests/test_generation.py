@@ -1,0 +1,169 @@
+"""Pipeline.load(workdir).generate(...) and sample.py on a tiny trained run."""
+
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import jaxdit
+import sample as sample_script
+from jaxdit import sampling
+from jaxdit.checkpoint import Checkpointer
+from jaxdit.config import apply_overrides, load_config
+from jaxdit.pipeline import Pipeline
+from jaxdit.sharding import make_mesh
+from jaxdit.train_loop import train
+from jaxdit.train_step import abstract_train_state
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PROMPTS = ["a large red circle moving left", "a small blue square moving up"]
+STEPS = 3  # denoising steps in these tests: every sampler path, few compiles
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A 2-step tiny run (2 frames of 16x16, patch 1x4x4) with checkpoints at steps 1 and 2."""
+    workdir = tmp_path_factory.mktemp("run")
+    config = apply_overrides(
+        load_config(ROOT / "configs" / "tiny.py"), ["--train.steps", "2", "--train.checkpoint_every", "1"]
+    )
+    train(config, workdir)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def pipe(run):
+    return Pipeline.load(run)
+
+
+def test_load_gives_the_config_the_ema_model_and_the_codec(run, pipe):
+    assert isinstance(pipe.model, jaxdit.VideoDiT) and pipe.step == 2
+    assert pipe.config.name == "tiny" and pipe.codec.channels == pipe.config.model.in_channels
+    checkpointer = Checkpointer(run / "checkpoints", read_only=True)
+    state = checkpointer.restore(abstract_train_state(pipe.config, make_mesh(devices=jax.devices()[:1])))
+    ema = jax.tree.leaves(state.ema)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(pipe.denoiser), ema))
+    assert not all(np.array_equal(a, b) for a, b in zip(ema, jax.tree.leaves(state.params)))  # EMA, not the raw weights
+    assert Pipeline.load(run, step=1).step == 1
+
+
+def test_generate_returns_uint8_videos_with_the_samples_of_a_prompt_adjacent(pipe):
+    videos = pipe.generate(PROMPTS, num_samples=2, steps=STEPS, seed=3)
+    assert videos.shape == (4, 2, 16, 16, 3) and videos.dtype == np.uint8
+    repeated = pipe.generate([PROMPTS[0]] * 2 + [PROMPTS[1]] * 2, steps=STEPS, seed=3)
+    np.testing.assert_array_equal(videos, repeated)
+    assert not np.array_equal(videos[0], videos[1])  # two samples, two noises
+
+
+def test_same_seed_same_pixels_across_runs_batch_sizes_and_device_counts(run, pipe):
+    reference = pipe.generate(PROMPTS, num_samples=3, steps=STEPS, seed=11)
+    np.testing.assert_array_equal(reference, pipe.generate(PROMPTS, num_samples=3, steps=STEPS, seed=11))
+    for batch_size in (1, 4):  # 4 runs as 8: a multiple of the 8 devices, the padding dropped
+        np.testing.assert_array_equal(
+            reference, pipe.generate(PROMPTS, num_samples=3, steps=STEPS, seed=11, batch_size=batch_size)
+        )
+    one_device = Pipeline.load(run, devices=jax.local_devices()[:1])
+    np.testing.assert_array_equal(reference, one_device.generate(PROMPTS, num_samples=3, steps=STEPS, seed=11))
+    assert not np.array_equal(reference, pipe.generate(PROMPTS, num_samples=3, steps=STEPS, seed=12))
+
+
+def test_guidance_scale_one_runs_one_pass_per_step(pipe, monkeypatch):
+    guided = pipe.generate(PROMPTS, steps=STEPS, cfg_scale=3.0)
+    monkeypatch.setattr(sampling, "guide", lambda *args: pytest.fail("g = 1 must not run the guided pair"))
+    unguided = pipe.generate(PROMPTS, steps=STEPS, cfg_scale=1.0)
+    assert unguided.shape == guided.shape and not np.array_equal(unguided, guided)
+
+
+def test_ddim_with_eta_one_is_ddpm_and_eta_zero_is_not(pipe):
+    """With eta = 1 DDIM's mean and variance are DDPM's posterior ones (fixed variance: no learn_sigma here)."""
+    ddpm = pipe.generate(PROMPTS, steps=STEPS, sampler="ddpm", seed=1)
+    ddim = pipe.generate(PROMPTS, steps=STEPS, sampler="ddim", eta=1.0, seed=1)
+    assert ddpm.shape == ddim.shape == (2, 2, 16, 16, 3)
+    assert np.abs(ddpm.astype(int) - ddim).max() <= 1
+    assert not np.array_equal(ddpm, pipe.generate(PROMPTS, steps=STEPS, sampler="ddim", eta=0.0, seed=1))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"sampler": "euler"}, "unknown sampler 'euler'"),
+        ({"steps": 0}, "between 1 and the 1000 training steps"),
+        ({"size": 18}, "cannot make videos of 18 size: size must be a positive multiple of 4"),
+        ({"num_frames": 0}, "cannot make videos of 0 frames"),
+        ({"num_samples": 0}, "num_samples >= 1"),
+    ],
+)
+def test_bad_generation_requests_are_named(pipe, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        pipe.generate(PROMPTS, **{"steps": STEPS, **kwargs})
+
+
+def test_a_too_long_prompt_is_truncated_with_a_warning(pipe):
+    with pytest.warns(UserWarning, match="truncated to the model's 46"):
+        videos = pipe.generate(["a large red circle moving left and " * 3], steps=STEPS)
+    assert videos.shape[0] == 1
+
+
+def test_load_names_a_missing_run_or_step(tmp_path, run):
+    with pytest.raises(FileNotFoundError, match="no checkpoints in .*python train.py --workdir"):
+        Pipeline.load(tmp_path / "nothing")
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        Pipeline.load(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint of step 7 .* steps \[1, 2\]"):
+        Pipeline.load(run, step=7)
+
+
+def test_sample_py_writes_npy_png_and_reads_a_prompts_file(run, tmp_path, capsys):
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("# shapes\na large red circle moving left\n\na small blue square moving up\n")
+    out = tmp_path / "videos.npy"
+    args = ["--workdir", str(run), "--prompts-file", str(prompts_file), "--num-samples", "2", "--steps", str(STEPS)]
+    assert sample_script.main([*args, "--out", str(out)]) == 0
+    videos = np.load(out)
+    assert videos.shape == (4, 2, 16, 16, 3) and videos.dtype == np.uint8
+    np.testing.assert_array_equal(videos, Pipeline.load(run).generate(PROMPTS, num_samples=2, steps=STEPS))
+    assert sample_script.main([*args, "--out", str(tmp_path / "grid.png")]) == 0
+    assert (tmp_path / "grid.png").stat().st_size > 0
+    assert "wrote 4 videos" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--workdir", "{tmp}/none", "--prompt", "x", "--out", "{tmp}/a.npy"], "no checkpoints in"),
+        (["--prompt", "x", "--out", "{tmp}/a.avi"], "must end in one of .mp4, .gif, .png, .npy"),
+        (["--out", "{tmp}/a.npy"], "give at least one --prompt"),
+        (["--prompt", "x", "--out", "{tmp}/a.npy", "--sampler", "euler"], "unknown sampler 'euler'"),
+        (["--prompt", "x", "--out", "{tmp}/a.npy", "--size", "10"], "cannot make videos of 10 size"),
+        (["--prompts-file", "{tmp}/missing.txt", "--out", "{tmp}/a.npy"], "cannot read --prompts-file"),
+    ],
+)
+def test_sample_py_rejects_bad_requests_clearly(run, tmp_path, capsys, args, message):
+    args = [a.format(tmp=tmp_path) for a in args]
+    if "--workdir" not in args:
+        args = ["--workdir", str(run), *args]
+    with pytest.raises(SystemExit) as exit_info:
+        sample_script.main([*args, "--steps", str(STEPS)])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.glob("a.*"))
+
+
+def test_sample_py_end_to_end_writes_an_mp4_with_every_frame(run, tmp_path):
+    import av
+
+    out = tmp_path / "red.mp4"
+    command = [
+        sys.executable, str(ROOT / "sample.py"), "--workdir", str(run), "--prompt", PROMPTS[0],
+        "--out", str(out), "--steps", str(STEPS), "--num-frames", "4",
+    ]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "sampling" in result.stderr  # the progress bar
+    with av.open(str(out)) as container:
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    assert len(frames) == 4 and frames[0].shape[0] >= 16
