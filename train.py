@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:  # found once the devices and the workdir are known
         parser.error(str(error))
     if metrics:
-        print(f"step {metrics['step']} of {config.train.steps}, loss {metrics['loss']:.4f}; run in {workdir}")
+        samples = f"; sample videos in {workdir / 'samples'}" if config.sample.prompts else ""
+        print(f"step {metrics['step']} of {config.train.steps}, loss {metrics['loss']:.4f}; run in {workdir}{samples}")
     return 0
 
 

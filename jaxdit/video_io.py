@@ -12,6 +12,7 @@ they are used, so `import jaxdit` stays light.
 
 import pathlib
 import textwrap
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -136,8 +137,11 @@ def _save_mp4(path: pathlib.Path, frames: np.ndarray, fps: float) -> None:
 
     frames = _pad_even(frames)  # (T, H', W', 3), both even
     # macro_block_size=2: the frames are already even, so imageio must not rescale them to multiples of 16.
-    imageio.mimwrite(path, frames, format="FFMPEG", fps=fps, codec="libx264", pixelformat="yuv420p",
-                     quality=MP4_QUALITY, macro_block_size=2)
+    with warnings.catch_warnings():
+        # imageio starts ffmpeg with subprocess, which execs right after forking: JAX's fork warning does not apply.
+        warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+        imageio.mimwrite(path, frames, format="FFMPEG", fps=fps, codec="libx264", pixelformat="yuv420p",
+                         quality=MP4_QUALITY, macro_block_size=2)
 
 
 def _save_gif(path: pathlib.Path, frames: np.ndarray, fps: float) -> None:
