@@ -73,6 +73,11 @@ def _betas(kind: str, num_steps: int) -> np.ndarray:
 
 def make_schedule(kind: str = "linear", num_steps: int = 1000) -> Schedule:
     """The named beta schedule and everything derived from it, computed in float64 then cast."""
+    return _schedule_from_betas(_checked_betas(kind, num_steps))
+
+
+def _checked_betas(kind: str, num_steps: int) -> np.ndarray:
+    """The named schedule's float64 betas (num_steps,), or an error naming the bad setting."""
     if kind not in SCHEDULES:
         raise ValueError(f"schedule kind must be one of {', '.join(SCHEDULES)}; got {kind!r}.")
     if num_steps < 1:
@@ -83,7 +88,7 @@ def make_schedule(kind: str = "linear", num_steps: int = 1000) -> Schedule:
             f"the {kind} schedule with num_steps={num_steps} has betas outside (0, 1) "
             f"(max {betas.max():.3g}); use more steps or the cosine schedule."
         )
-    return _schedule_from_betas(betas)
+    return betas
 
 
 def respace(kind: str, num_steps: int, timesteps: np.ndarray) -> Schedule:
@@ -98,8 +103,7 @@ def respace(kind: str, num_steps: int, timesteps: np.ndarray) -> Schedule:
         raise ValueError(f"timesteps must be a non-empty increasing 1-D array; got {timesteps}.")
     if timesteps[0] < 0 or timesteps[-1] >= num_steps:
         raise ValueError(f"timesteps must lie in [0, {num_steps}); got {timesteps[0]}..{timesteps[-1]}.")
-    make_schedule(kind, num_steps)  # validates kind and num_steps
-    ac = np.cumprod(1.0 - _betas(kind, num_steps))[timesteps]  # float64 (S,)
+    ac = np.cumprod(1.0 - _checked_betas(kind, num_steps))[timesteps]  # float64 (S,)
     return _schedule_from_betas(1.0 - ac / np.append(1.0, ac[:-1]))
 
 

@@ -211,11 +211,12 @@ class Pipeline:
                 f"e.g. python train.py --workdir {workdir}"
             )
         with Checkpointer(directory, read_only=True) as checkpointer:
-            if checkpointer.latest_step() is None:
+            latest = checkpointer.latest_step()
+            if latest is None:
                 raise FileNotFoundError(
                     f"{str(directory)!r} holds no complete checkpoint; train (or resume) the run first."
                 )
-            step = checkpointer.latest_step() if step is None else step
+            step = latest if step is None else step
             config = Config.from_dict(checkpointer.restore_config(step))
             mesh = make_mesh(1, devices=[jax.local_devices()[0]])
             state = checkpointer.restore_weights(abstract_train_state(config, mesh), step=step)

@@ -30,8 +30,7 @@ Denoise = Callable[[jax.Array, jax.Array], jax.Array]  # (x (B, ...), t (B,)) ->
 def check_sampler(sampler: str, steps: int, num_train_steps: int) -> None:
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}.")
-    if not 1 <= steps <= num_train_steps:
-        raise ValueError(f"sampling steps must be between 1 and the {num_train_steps} training steps; got {steps}.")
+    timestep_subset(num_train_steps, steps)  # checks the step count
 
 
 def timestep_subset(num_train_steps: int, steps: int) -> np.ndarray:
