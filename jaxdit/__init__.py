@@ -6,13 +6,13 @@ Importing jaxdit stays light: video and data libraries are imported where they a
 """
 
 from jaxdit.config import (
-    VARIANTS, CodecConfig, Config, DataConfig, DiffusionConfig, ModelConfig, SampleConfig, TextConfig, TrainConfig,
+    VARIANTS, AutoencoderConfig, CodecConfig, Config, DataConfig, DiffusionConfig, ModelConfig, SampleConfig, TextConfig, TrainConfig,
     load_config,
 )
 from jaxdit.model import VideoDiT
 
 __all__ = [
-    "VARIANTS", "CodecConfig", "Config", "DataConfig", "DiffusionConfig", "ModelConfig", "SampleConfig", "TextConfig",
+    "VARIANTS", "AutoencoderConfig", "CodecConfig", "Config", "DataConfig", "DiffusionConfig", "ModelConfig", "SampleConfig", "TextConfig",
     "TrainConfig", "Pipeline", "VideoDiT", "load_config",
 ]
 __version__ = "0.1.0"

@@ -16,6 +16,7 @@ Every process of a multi-host run calls `save` and `restore` alike; orbax coordi
 
 import json
 import logging
+import os
 
 import grain
 import orbax.checkpoint as ocp
@@ -78,6 +79,8 @@ class Checkpointer:
                 create=True,
                 cleanup_tmp_directories=True,  # the half-written saves of a killed process
             )
+        # Absolute: orbax's array writer rejects a relative path when another checkpointer (a codec's) ran meanwhile.
+        directory = os.path.abspath(directory)
         self._manager = ocp.CheckpointManager(directory, options=options, item_handlers=_item_handlers())
         self.directory = self._manager.directory
         self.read_only, self.every = read_only, every

@@ -23,7 +23,8 @@ VARIANTS = {
 }
 
 DTYPES = ("float32", "bfloat16", "float16")
-DATA_SOURCES = ("shapes", "folder")  # the built-in moving shapes, or videos listed in a manifest
+# the built-in moving shapes, videos listed in a manifest, or latents encoded once (jaxdit.data.latent_cache)
+DATA_SOURCES = ("shapes", "folder", "cache")
 # "auto": cuDNN flash attention on GPU with 16-bit compute, XLA everywhere else.
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 # What a block keeps for the backward pass: everything, nothing (recompute the block),
@@ -34,7 +35,10 @@ NOISE_SCHEDULES = ("linear", "cosine")  # beta schedules of the forward process 
 # pixel-space models whose patches have more dimensions than the model's width).
 PREDICTIONS = ("epsilon", "v", "x0")
 LR_SCHEDULES = ("constant", "cosine")  # after the linear warm-up
-CODECS = ("identity",)  # identity: the model works on pixels scaled to [-1, 1]
+# identity: the model works on pixels scaled to [-1, 1]; saved: the frozen codec in codec.path
+CODECS = ("identity", "saved")
+RECONSTRUCTION_LOSSES = ("l1", "mse")
+TASKS = ("dit", "codec")  # what train.py trains: the diffusion transformer, or a video autoencoder (a codec)
 SAMPLERS = ("ddim", "ddpm")  # deterministic (eta 0) or ancestral reverse diffusion
 
 class ConfigError(ValueError):
@@ -136,6 +140,8 @@ class DataConfig:
 
     source: str = "shapes"  # one of DATA_SOURCES
     manifest: str = ""  # source="folder": a CSV or JSONL with `path` and `text` columns
+    cache: str = ""  # source="cache": a latent cache directory written by `python -m jaxdit.data.latent_cache`
+    eval_manifest: str = ""  # source="folder", task="codec": held-out clips for PSNR ("": the first training clips)
     num_frames: int = 16
     size: int = 32  # frames are size x size pixels (folder videos: short side resized, centre-cropped)
     max_objects: int = 1  # source="shapes": up to this many shapes per clip
@@ -151,6 +157,10 @@ class DataConfig:
         _check_choice("data.source", self.source, DATA_SOURCES)
         if self.source == "folder" and not self.manifest:
             raise ValueError("data.source='folder' needs data.manifest: a CSV or JSONL with path and text columns.")
+        if self.source == "cache" and not self.cache:
+            raise ValueError(
+                "data.source='cache' needs data.cache: a directory written by `python -m jaxdit.data.latent_cache`."
+            )
         _check_minimums("data", self, num_frames=1, size=1, max_objects=1, frame_stride=1, num_workers=0, prefetch=0)
         if self.fps < 0:
             raise ValueError(f"data.fps must be >= 0 (0: use data.frame_stride), got {self.fps}.")
@@ -194,9 +204,49 @@ class CodecConfig:
     """The frozen codec between videos and the latents the model sees."""
 
     kind: str = "identity"  # one of CODECS
+    path: str = ""  # kind="saved": a codec directory (jaxdit.codec.load), e.g. a codec-training run's workdir
 
     def __post_init__(self):
         _check_choice("codec.kind", self.kind, CODECS)
+        if self.kind == "saved" and not self.path:
+            raise ValueError(
+                "codec.kind='saved' needs codec.path: the workdir of a codec training run "
+                "(train.py --config configs/codec_shapes.py) or a directory from `python -m jaxdit.convert.sd_vae`."
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoencoderConfig:
+    """The video autoencoder that `task="codec"` trains: convolutional, KL-regularised, causal in time.
+
+    Pixels are first grouped `patch` x `patch` into channels; each level after the first halves
+    the pixels again, and the first `temporal_downsample` of those
+    also halve time, causally: frame 0 is kept on its own, so clips have 1 + 2^k * n frames
+    and a single image is a valid 1-frame video.
+    """
+
+    channels: tuple[int, ...] = (32, 64, 128)  # width of each level; len - 1 spatial halvings
+    temporal_downsample: int = 0  # how many of the halvings also halve time
+    latent_channels: int = 4
+    blocks: int = 1  # residual blocks per level
+    patch: int = 1  # pixels p x p stacked as channels before the first level: p times more spatial compression
+    kl_weight: float = 1e-6  # weight of KL(q(z|x) || N(0, I)) against the reconstruction loss
+    reconstruction: str = "l1"  # one of RECONSTRUCTION_LOSSES, on pixels in [-1, 1]
+    eval_clips: int = 64  # held-out clips for the PSNR reported at every preview and at the end
+
+    def __post_init__(self):
+        object.__setattr__(self, "channels", tuple(self.channels))  # a list after a JSON round trip
+        if len(self.channels) < 1 or min(self.channels) < 1:
+            raise ValueError(f"autoencoder.channels must be a non-empty list of positive widths; got {self.channels}.")
+        if not 0 <= self.temporal_downsample <= len(self.channels) - 1:
+            raise ValueError(
+                f"autoencoder.temporal_downsample={self.temporal_downsample} must be in 0..{len(self.channels) - 1} "
+                "(the number of halvings, len(channels) - 1)."
+            )
+        _check_minimums("autoencoder", self, latent_channels=1, blocks=1, patch=1, eval_clips=1)
+        _check_choice("autoencoder.reconstruction", self.reconstruction, RECONSTRUCTION_LOSSES)
+        if self.kl_weight < 0:
+            raise ValueError(f"autoencoder.kl_weight must be >= 0, got {self.kl_weight}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,6 +314,7 @@ class Config:
     """Everything a run needs."""
 
     name: str = "default"
+    task: str = "dit"  # one of TASKS
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     text: TextConfig = dataclasses.field(default_factory=TextConfig)
@@ -271,6 +322,10 @@ class Config:
     codec: CodecConfig = dataclasses.field(default_factory=CodecConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
+    autoencoder: AutoencoderConfig = dataclasses.field(default_factory=AutoencoderConfig)
+
+    def __post_init__(self):
+        _check_choice("task", self.task, TASKS)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -299,6 +354,11 @@ def _section(section_type, name: str, values: dict):
 
 def _parse_value(flag: str, text: str, current):
     """A command-line string as the type of the field's current value."""
+    if isinstance(current, tuple) and current and all(isinstance(v, int) for v in current):  # widths: "32,64"
+        try:
+            return tuple(int(part) for part in text.split(",") if part.strip())
+        except ValueError:
+            raise ValueError(f"{flag} takes comma-separated integers, e.g. 32,64,128; got {text!r}.") from None
     if isinstance(current, tuple):  # prompts: separated by ";"
         return tuple(part.strip() for part in text.split(";") if part.strip())
     if isinstance(current, bool):
@@ -315,7 +375,7 @@ def apply_overrides(config: Config, args: list[str]) -> Config:
     """`["--train.steps", "200", "--model.variant=B/2"]` -> the config with those fields replaced.
 
     Every field of every section can be set as `--section.field VALUE` (or `--section.field=VALUE`);
-    the value is parsed as the field's type (booleans: true/false). `--name NAME` renames the run.
+    the value is parsed as the field's type (booleans: true/false). `--name NAME` renames the run and `--task codec` trains its autoencoder.
     """
     values = config.to_dict()
     args = list(args)
@@ -331,8 +391,8 @@ def apply_overrides(config: Config, args: list[str]) -> Config:
         if not flag.startswith("--") or not key:
             raise ValueError(f"expected --section.field VALUE, got {flag!r}.")
         section, _, field = key.partition(".")
-        if section == "name" and not field:
-            values["name"] = text
+        if section in ("name", "task") and not field:
+            values[section] = text
             continue
         if section not in values or not isinstance(values[section], dict):
             raise ValueError(f"unknown config section in {flag!r}; sections: {', '.join(k for k in values if k != 'name')}.")

@@ -28,7 +28,7 @@ from jaxdit.codec import make_codec, to_uint8
 from jaxdit.config import Config
 from jaxdit.sharding import batch_sharding, make_mesh
 from jaxdit.text import ByteTokenizer
-from jaxdit.train_step import abstract_train_state, model_graphdef
+from jaxdit.train_step import abstract_train_state, frozen_codec_state, model_graphdef
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,8 @@ class VideoSampler:
     def __init__(self, config: Config, graphdef: nnx.GraphDef, codec, mesh: jax.sharding.Mesh, param_shardings):
         self.config, self.graphdef, self.codec, self.mesh = config, graphdef, codec, mesh
         self.param_shardings = param_shardings
+        self._codec_graphdef = nnx.graphdef(codec)
+        self._codec_state = frozen_codec_state(codec, mesh)  # an argument of the program, never a constant
         self._programs = {}
 
     def latent_shape(self, num_frames: int, size: int) -> tuple[int, int, int, int]:
@@ -115,7 +117,7 @@ class VideoSampler:
                 take = np.minimum(index, total - 1)
                 chunk = lambda arrays: {name: value[take] for name, value in arrays.items()}
                 inputs = (chunk(cond), chunk(null), index.astype(np.int32), np.uint32(seed), np.float32(cfg_scale))
-                out = program(params, model_rngs, *_global(inputs, self.mesh))  # (b, T, H, W, 3) uint8
+                out = program(params, model_rngs, self._codec_state, *_global(inputs, self.mesh))  # (b, T, H, W, 3) uint8
                 videos.append(_to_host(out)[: total - start])
             jax.effects_barrier()
         return np.concatenate(videos)
@@ -127,11 +129,12 @@ class VideoSampler:
         return self._programs[key]
 
     def _compile(self, sampler, steps, eta, guided, shape, progress):
-        config, codec, graphdef = self.config, self.codec, self.graphdef
+        config, graphdef = self.config, self.graphdef
         channels = shape[-1]
 
-        def generate(params, model_rngs, cond, null, index, seed, cfg_scale):
+        def generate(params, model_rngs, codec_state, cond, null, index, seed, cfg_scale):
             model = nnx.merge(graphdef, params, model_rngs)
+            codec = nnx.merge(self._codec_graphdef, codec_state)
             if guided:  # [conditional; null] in one batch
                 cond = jax.tree.map(lambda c, n: jnp.concatenate([c, n]), cond, null)
             kwargs = {"label": cond.get("label")}
@@ -154,7 +157,7 @@ class VideoSampler:
         replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         return jax.jit(
             generate,
-            in_shardings=(self.param_shardings, replicated, batched, batched, batched, replicated, replicated),
+            in_shardings=(self.param_shardings, replicated, replicated, batched, batched, batched, replicated, replicated),
             out_shardings=batched,
         )
 
@@ -218,6 +221,11 @@ class Pipeline:
                 )
             step = latest if step is None else step
             config = Config.from_dict(checkpointer.restore_config(step))
+            if config.task == "codec":
+                raise ValueError(
+                    f"{str(workdir)!r} trained a codec, not a DiT: load it with jaxdit.codec.load({str(workdir)!r}), "
+                    f"or train a DiT on its latents with --codec.kind saved --codec.path {workdir}."
+                )
             mesh = make_mesh(1, devices=[jax.local_devices()[0]])
             state = checkpointer.restore_weights(abstract_train_state(config, mesh), step=step)
         log.info("loaded %s at step %d", workdir, step)

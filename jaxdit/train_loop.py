@@ -7,13 +7,17 @@ give bit for bit the same result as N steps, a restart, and N more.
 """
 
 import logging
+import os
 import pathlib
 import signal
 import threading
 import time
 
+import dataclasses
+
 import jax
 import numpy as np
+from flax import nnx
 
 from jaxdit.checkpoint import Checkpointer
 from jaxdit.codec import make_codec
@@ -22,13 +26,15 @@ from jaxdit.data.pipeline import make_dataset
 from jaxdit.metrics import MetricsWriter
 from jaxdit.pipeline import VideoSampler
 from jaxdit.sharding import data_parallel_size, global_batch, make_mesh
-from jaxdit.train_step import abstract_train_state, create_train_state, make_train_step, model_graphdef
+from jaxdit.train_step import (
+    abstract_train_state, create_train_state, frozen_codec_state, make_model, make_train_step, model_graphdef,
+)
 
 log = logging.getLogger(__name__)
 
 # Sections a resumed run must share with the run that wrote the checkpoint; the rest
 # (steps, logging, checkpoint cadence, data workers) may change between restarts.
-_FIXED_SECTIONS = ("model", "text", "diffusion", "codec")
+_FIXED_SECTIONS = ("task", "model", "text", "diffusion", "codec", "autoencoder")
 
 
 def check_config(config: Config, mesh: jax.sharding.Mesh, codec) -> None:
@@ -39,6 +45,26 @@ def check_config(config: Config, mesh: jax.sharding.Mesh, codec) -> None:
             f"train.batch_size={config.train.batch_size} must be divisible by the {devices} devices "
             f"(and {processes} processes) it is split over; use a multiple of {devices}."
         )
+    if config.task == "codec":
+        if config.data.source == "cache":
+            raise ConfigError("a codec trains on videos, not on a latent cache: set data.source to shapes or folder.")
+        shape = (config.data.num_frames, config.data.size, config.data.size, 3)
+        try:
+            nnx.eval_shape(lambda: make_model(config, rngs=nnx.Rngs(0))).latent_shape(shape)
+        except ValueError as error:
+            raise ConfigError(f"data.num_frames / data.size: {error}") from None
+        return
+    if config.data.source != "cache":
+        try:
+            latents = codec.latent_shape((config.data.num_frames, config.data.size, config.data.size, 3))
+        except ValueError as error:
+            raise ConfigError(f"data.num_frames / data.size do not fit the {config.codec.kind} codec: {error}") from None
+        for name, length, patch in zip(("frames", "height", "width"), latents, config.model.patch):
+            if length % patch:
+                raise ConfigError(
+                    f"the codec makes latents of {length} {name}, which model.variant's patch {config.model.patch} "
+                    f"does not divide: change data.num_frames / data.size or the patch."
+                )
     if codec.channels != config.model.in_channels:
         raise ConfigError(
             f"model.in_channels={config.model.in_channels} but the {config.codec.kind!r} codec makes "
@@ -53,6 +79,8 @@ def parameter_count(params) -> int:
 def train(config: Config, workdir: str | pathlib.Path) -> dict:
     """Trains `config` into `workdir` up to `config.train.steps`; returns the last metrics."""
     workdir = pathlib.Path(workdir)
+    if config.codec.kind == "saved":  # recorded as an absolute path, so the run loads it from anywhere
+        config = dataclasses.replace(config, codec=dataclasses.replace(config.codec, path=os.path.abspath(config.codec.path)))
     cfg = config.train
     mesh = make_mesh(cfg.fsdp)
     codec = make_codec(config.codec)
@@ -79,10 +107,16 @@ def train(config: Config, workdir: str | pathlib.Path) -> dict:
         config.name, f"{parameter_count(state.params):,}", mesh.size, dict(mesh.shape),
     )
     step_fn = make_train_step(config, graphdef, codec, mesh, abstract_state)
-    samples = _Samples(config, graphdef, codec, mesh, abstract_state, workdir, enabled=primary)
+    codec_state = frozen_codec_state(codec, mesh)
+    writer = MetricsWriter(workdir, enabled=primary)
+    if config.task == "codec":
+        from jaxdit.codec.train import CodecPreviews
+
+        samples = CodecPreviews(config, graphdef, mesh, abstract_state, workdir, writer=writer, enabled=primary)
+    else:
+        samples = _Samples(config, graphdef, codec, mesh, abstract_state, workdir, enabled=primary)
     # The run's root key never changes; a host copy outlives the state, which each step donates.
     root_rng = jax.random.wrap_key_data(np.asarray(jax.random.key_data(state.rng)))
-    writer = MetricsWriter(workdir, enabled=primary)
     progress = _progress_bar(start, cfg.steps, enabled=primary)
     last_metrics, pending = {}, None
     rate = _Rate(start)
@@ -92,7 +126,7 @@ def train(config: Config, workdir: str | pathlib.Path) -> dict:
         with _StopRequests() as stop:
             while step < cfg.steps and not stop.requested:
                 batch = global_batch(next(data), mesh)
-                state, metrics = step_fn(state, batch, jax.random.fold_in(root_rng, step))
+                state, metrics = step_fn(state, batch, jax.random.fold_in(root_rng, step), codec_state)
                 # Read the previous step's metrics while this one runs: the device never waits on the host.
                 if pending is not None:
                     last_metrics = _report(*pending, cfg, writer, progress, rate)
@@ -101,7 +135,7 @@ def train(config: Config, workdir: str | pathlib.Path) -> dict:
                 if step < cfg.steps:
                     checkpointer.save(step, state, data_iterator=data, config=config_dict)
                     if config.sample.every and step % config.sample.every == 0:
-                        samples.write(step, state)
+                        samples.write(step, state)  # sample videos, or the codec's previews
         if pending is not None:
             last_metrics = _report(*pending, cfg, writer, progress, rate)
         if step > start:  # the final (or interrupted) step, whatever the checkpoint cadence
@@ -120,7 +154,7 @@ def train(config: Config, workdir: str | pathlib.Path) -> dict:
 
 def _check_same_run(saved: dict, config: Config, workdir: pathlib.Path) -> None:
     current = config.to_dict()
-    changed = [name for name in _FIXED_SECTIONS if saved.get(name) != current[name]]
+    changed = [name for name in _FIXED_SECTIONS if saved.get(name, current[name]) != current[name]]
     if changed:
         raise ConfigError(
             f"{workdir} holds a run whose {', '.join(changed)} config differs from this one; "

@@ -1,4 +1,9 @@
-"""The train state and the pure train step `(state, batch, rng) -> (state, metrics)`.
+"""The train state and the pure train step `(state, batch, rng, codec_state) -> (state, metrics)`.
+
+One step for both tasks: the Denoiser learns the diffusion objective on latents of the frozen
+codec (`task="dit"`), or a VideoAutoencoder learns to be a codec (`task="codec"`); only the
+model and its loss differ. The frozen codec's state is an argument of the compiled step, not
+part of the train state: it is never differentiated, updated or checkpointed with the run.
 
 Shapes before memory: `abstract_train_state` traces the initialisation with `jax.eval_shape`
 and gives every array its sharding from the rules in `jaxdit.sharding`; `create_train_state`
@@ -16,6 +21,7 @@ import optax
 from flax import nnx, struct
 
 from jaxdit import diffusion
+from jaxdit.codec.train import codec_loss
 from jaxdit.config import Config, TrainConfig
 from jaxdit.denoiser import Denoiser
 from jaxdit.sharding import batch_sharding, state_sharding
@@ -28,7 +34,7 @@ _NEVER_GIVE_UP = 2**30
 @struct.dataclass
 class TrainState:
     step: jax.Array  # int32 (): steps taken so far, skipped ones included
-    params: nnx.State  # the Denoiser's parameters: VideoDiT and text encoder (never the codec)
+    params: nnx.State  # the trained model's: the Denoiser (VideoDiT and text encoder), never the frozen codec
     ema: nnx.State  # exponential moving average of `params`, used for sampling
     opt_state: optax.OptState
     model_rngs: nnx.State  # the model's RNG streams (class-label dropout), reseeded every step
@@ -58,13 +64,22 @@ def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
     return optax.apply_if_finite(optax.chain(clip, adamw), max_consecutive_errors=_NEVER_GIVE_UP)
 
 
+def make_model(config: Config, *, rngs: nnx.Rngs) -> nnx.Module:
+    """The model the config's task trains: the Denoiser, or the video autoencoder."""
+    if config.task == "codec":
+        from jaxdit.codec.autoencoder import VideoAutoencoder
+
+        return VideoAutoencoder.from_config(config.autoencoder, rngs=rngs)
+    return Denoiser(config, rngs=rngs)
+
+
 def model_graphdef(config: Config) -> nnx.GraphDef:
-    """The Denoiser's structure, which merges with a state's arrays; no memory is used."""
-    return nnx.split(nnx.eval_shape(lambda: Denoiser(config, rngs=nnx.Rngs(0))), nnx.Param, ...)[0]
+    """The trained model's structure, which merges with a state's arrays; no memory is used."""
+    return nnx.split(nnx.eval_shape(lambda: make_model(config, rngs=nnx.Rngs(0))), nnx.Param, ...)[0]
 
 
 def _init_state(config: Config, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
-    model = Denoiser(config, rngs=nnx.Rngs(jax.random.fold_in(rng, 0)))
+    model = make_model(config, rngs=nnx.Rngs(jax.random.fold_in(rng, 0)))
     _, params, model_rngs = nnx.split(model, nnx.Param, ...)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -92,32 +107,45 @@ def create_train_state(config: Config, abstract_state: TrainState) -> TrainState
     return jax.jit(init, out_shardings=shardings)(jax.random.key(config.train.seed))
 
 
-def train_step(
-    state: TrainState, batch: dict, rng: jax.Array, *, graphdef: nnx.GraphDef, config: Config, codec, tx
-) -> tuple[TrainState, dict]:
-    """One update of the Denoiser on one global batch.
-
-    batch: {"video": (B, T, H, W, 3), "text_tokens", "text_mask": (B, L)[, "label": (B,)]}.
-    """
+def diffusion_loss(model, batch: dict, rng: jax.Array, *, config: Config, codec) -> tuple[jax.Array, dict]:
+    """The DiT objective on one batch: noise the codec's latents at random steps, predict, MSE (+ vb)."""
     schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_steps)
     noise_rng, t_rng, dropout_rng = jax.random.split(rng, 3)
-    x0 = jax.lax.stop_gradient(codec.encode(batch["video"]))  # (B, T, H, W, C), the frozen codec
+    if "latents" in batch:  # a latent cache: encoded once, ahead of training
+        x0 = batch["latents"]  # (B, T, H, W, C)
+    else:
+        x0 = jax.lax.stop_gradient(codec.encode(batch["video"]))  # (B, T, H, W, C), the frozen codec
     t = diffusion.sample_timesteps(t_rng, x0.shape[0], schedule.num_steps)  # (B,)
     noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)  # (B, T, H, W, C)
     x_t = diffusion.q_sample(schedule, x0, t, noise)  # (B, T, H, W, C)
+    nnx.reseed(model, dropout=dropout_rng)
+    prediction = model(
+        x_t, t, text_tokens=batch.get("text_tokens"), text_mask=batch.get("text_mask"),
+        label=batch.get("label"), train=True,
+    )  # (B, T, H, W, C or 2C)
+    per_example, terms = diffusion.loss(
+        schedule, prediction, x0, x_t, noise, t,
+        prediction=config.diffusion.prediction, learn_sigma=config.model.learn_sigma,
+    )  # (B,)
+    return per_example.mean(), {name: term.mean() for name, term in terms.items()}
+
+
+def train_step(
+    state: TrainState, batch: dict, rng: jax.Array, codec_state: nnx.State, *,
+    graphdef: nnx.GraphDef, codec_graphdef: nnx.GraphDef, config: Config, tx,
+) -> tuple[TrainState, dict]:
+    """One update of the trained model on one global batch.
+
+    batch: {"video": uint8 (B, T, H, W, 3) or "latents" (B, t, h, w, c), "text_tokens", "text_mask": (B, L)
+    [, "label": (B,)]}. codec_state: the frozen codec's arrays (empty for the identity codec).
+    """
+    codec = nnx.merge(codec_graphdef, codec_state)
 
     def loss_fn(params):
         model = nnx.merge(graphdef, params, state.model_rngs)
-        nnx.reseed(model, dropout=dropout_rng)
-        prediction = model(
-            x_t, t, text_tokens=batch.get("text_tokens"), text_mask=batch.get("text_mask"),
-            label=batch.get("label"), train=True,
-        )  # (B, T, H, W, C or 2C)
-        per_example, terms = diffusion.loss(
-            schedule, prediction, x0, x_t, noise, t,
-            prediction=config.diffusion.prediction, learn_sigma=config.model.learn_sigma,
-        )  # (B,)
-        return per_example.mean(), {name: term.mean() for name, term in terms.items()}
+        if config.task == "codec":
+            return codec_loss(model, batch, rng, config=config.autoencoder)
+        return diffusion_loss(model, batch, rng, config=config, codec=codec)
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -140,13 +168,24 @@ def train_step(
 
 
 def make_train_step(config: Config, graphdef: nnx.GraphDef, codec, mesh: jax.sharding.Mesh, abstract_state: TrainState):
-    """`train_step` jitted once over the mesh, with the state donated."""
+    """`train_step` jitted once over the mesh, with the state donated: `step(state, batch, rng, codec_state)`.
+
+    codec_state is `frozen_codec_state(codec, mesh)`, the codec's arrays replicated over the mesh.
+    """
     state_shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    step = functools.partial(train_step, graphdef=graphdef, config=config, codec=codec, tx=make_optimizer(config.train))
+    step = functools.partial(
+        train_step, graphdef=graphdef, codec_graphdef=nnx.graphdef(codec), config=config, tx=make_optimizer(config.train)
+    )
     return jax.jit(
         step,
-        in_shardings=(state_shardings, batch_sharding(mesh), replicated),
+        in_shardings=(state_shardings, batch_sharding(mesh), replicated, replicated),
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,
     )
+
+
+def frozen_codec_state(codec, mesh: jax.sharding.Mesh) -> nnx.State:
+    """The codec's arrays, replicated on every device of the mesh: the frozen argument of every step."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.device_put(nnx.state(codec), replicated)

@@ -4,6 +4,7 @@ non-finite updates, and it compiles for a large model from shapes alone."""
 import dataclasses
 
 import jax
+from flax import nnx
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from jaxdit.config import apply_overrides, load_config
 from jaxdit.data.pipeline import make_dataset
 from jaxdit.sharding import global_batch, make_mesh, param_axes
 from jaxdit.train_step import (
-    abstract_train_state, create_train_state, make_optimizer, make_train_step, model_graphdef,
+    abstract_train_state, create_train_state, frozen_codec_state, make_optimizer, make_train_step, model_graphdef,
 )
 
 TINY = load_config("configs/tiny.py")
@@ -22,8 +23,10 @@ TINY = load_config("configs/tiny.py")
 
 def setup(config, mesh):
     abstract = abstract_train_state(config, mesh)
-    step = make_train_step(config, model_graphdef(config), IdentityCodec(), mesh, abstract)
-    return create_train_state(config, abstract), step
+    codec = IdentityCodec()
+    jitted = make_train_step(config, model_graphdef(config), codec, mesh, abstract)
+    codec_state = frozen_codec_state(codec, mesh)
+    return create_train_state(config, abstract), lambda state, batch, rng: jitted(state, batch, rng, codec_state)
 
 
 def first_batch(config, mesh):
@@ -131,7 +134,7 @@ def test_train_step_lowers_for_xl_from_shapes_alone():
         "text_tokens": jax.ShapeDtypeStruct((8, length), jnp.int32, sharding=sharding),
         "text_mask": jax.ShapeDtypeStruct((8, length), jnp.bool_, sharding=sharding),
     }
-    lowered = step.lower(abstract, batch, jax.eval_shape(lambda: jax.random.key(0)))
+    lowered = step.lower(abstract, batch, jax.eval_shape(lambda: jax.random.key(0)), nnx.state(IdentityCodec()))
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
     assert count > 600_000_000  # DiT-XL with a text encoder
     assert "fsdp" in lowered.as_text()  # the parameters enter the program split over the fsdp axis

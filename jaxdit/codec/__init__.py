@@ -1,20 +1,118 @@
-"""Frozen codecs between videos and the latents the DiT works on.
+"""Frozen codecs between videos and the latents the DiT works on (interface: `jaxdit.codec.base`).
 
-A codec has `encode(video) -> latents (B, t, h, w, c)`, `decode(latents) -> video in [-1, 1]`,
-`latent_shape(video_shape)`, the compression `factors` (t, h, w), the latent `channels` and
-the `scale` that brings latents to about unit variance. A codec is never trained with the DiT:
-it has no parameters in the optimizer and training encodes under `stop_gradient`.
+A codec directory holds a frozen codec, whatever made it:
+
+    DIR/codec.json     {"kind": ..., "spec": {...}, ...}: what to build (kind, keyword arguments), and notes
+                       such as how the latent scale was measured
+    DIR/params/        its parameters (orbax), absent for a codec without any
+
+`save` writes one (the codec trainer at the end of training, `python -m jaxdit.convert.sd_vae`),
+`load` reads one back; a codec-training run's workdir may be given for its `codec/` folder.
+A codec is never trained with the DiT: its state is not in the optimizer and it is applied
+under `stop_gradient`.
 """
 
-from jaxdit.codec.identity import IdentityCodec, to_uint8
+import json
+import pathlib
+
+from flax import nnx
+
+from jaxdit.codec.base import to_float, to_uint8
+from jaxdit.codec.identity import IdentityCodec
 from jaxdit.config import CodecConfig
+
+SPEC_FILE, PARAMS_DIR = "codec.json", "params"
+RUN_CODEC_DIR = "codec"  # a codec-training run writes its frozen codec into workdir/codec/
+
+
+def codec_class(kind: str):
+    """The module class of a codec kind (imported only when used)."""
+    if kind == "identity":
+        return IdentityCodec
+    if kind == "autoencoder":
+        from jaxdit.codec.autoencoder import VideoAutoencoder
+
+        return VideoAutoencoder
+    if kind == "sd_vae":
+        from jaxdit.codec.sd_vae import SDVAE
+
+        return SDVAE
+    raise ValueError(f"unknown codec kind {kind!r}: one of identity, autoencoder, sd_vae.")
 
 
 def make_codec(config: CodecConfig):
-    """The codec a run's config names."""
+    """The frozen codec a run's config names."""
     if config.kind == "identity":
         return IdentityCodec()
-    raise ValueError(f"codec.kind {config.kind!r} is not known.")
+    return load(config.path)
 
 
-__all__ = ["IdentityCodec", "make_codec", "to_uint8"]
+def save(codec, directory, **notes) -> pathlib.Path:
+    """Writes `codec` (structure, parameters, scale) as a codec directory; `notes` go into codec.json."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    directory = pathlib.Path(directory).absolute()
+    directory.mkdir(parents=True, exist_ok=True)
+    params = nnx.state(codec, nnx.Param)
+    if jax_leaves(params):
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(directory / PARAMS_DIR, nnx.to_pure_dict(params), force=True)
+    if jax.process_index() == 0:  # every process saves the parameters with orbax; one writes the JSON
+        spec = {"kind": codec.kind, "spec": codec.spec(), **notes}
+        (directory / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
+    return directory
+
+
+def codec_directory(path) -> pathlib.Path:
+    """The codec directory at `path`, or in `path/codec/` (a codec-training run), or a FileNotFoundError."""
+    path = pathlib.Path(path)
+    for candidate in (path, path / RUN_CODEC_DIR):
+        if (candidate / SPEC_FILE).is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"no codec in {str(path)!r} (no {SPEC_FILE} there or in {RUN_CODEC_DIR}/): give a directory written by "
+        "a codec training run (train.py with a codec config) or by `python -m jaxdit.convert.sd_vae`."
+    )
+
+
+def describe(path) -> dict:
+    """The codec.json of the codec directory at `path`."""
+    return json.loads((codec_directory(path) / SPEC_FILE).read_text())
+
+
+def load(path):
+    """The frozen codec saved at `path` (a codec directory or a codec-training run), parameters on the host."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    directory = codec_directory(path)
+    info = describe(directory)
+    cls = codec_class(info["kind"])
+    abstract = nnx.eval_shape(lambda: cls(**info["spec"], rngs=nnx.Rngs(0)))
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    if jax_leaves(params):
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(params))
+        with ocp.StandardCheckpointer() as checkpointer:
+            restored = checkpointer.restore(directory / PARAMS_DIR, target)
+        nnx.replace_by_pure_dict(params, restored)
+    return nnx.merge(graphdef, params, rest)
+
+
+def jitted(codec, method: str = "encode"):
+    """`codec.encode` (or "decode") as one jitted function of its input; the codec's state is passed
+    to the compiled program as an argument, never baked into it as constants."""
+    import jax
+
+    graphdef, state = nnx.split(codec)
+    apply = jax.jit(lambda state, x: getattr(nnx.merge(graphdef, state), method)(x))
+    return lambda x: apply(state, x)
+
+
+def jax_leaves(tree) -> list:
+    import jax
+
+    return jax.tree.leaves(tree)
+
+
+__all__ = ["IdentityCodec", "codec_class", "codec_directory", "describe", "jitted", "load", "make_codec", "save", "to_float", "to_uint8"]

@@ -3,8 +3,10 @@ caption dropout and tokenisation -> batches -> prefetch (in worker processes whe
 
 A batch is {"video": uint8 (B, T, H, W, 3), "text_tokens": int32 (B, L), "text_mask": bool (B, L)}
 (plus "label" (B,) when the source has class labels), B being this process's share of the
-global batch. The iterator's state (`get_state` / `set_state`) is small and exact: a restored
-iterator yields the same next batch, so training resumes mid-epoch.
+global batch. From a latent cache (data.source="cache", `jaxdit.data.latent_cache`) the clips
+are already encoded: the batch has "latents" float32 (B, t, h, w, c) in place of "video", and
+the captions' cached tokens. The iterator's state (`get_state` / `set_state`) is small and
+exact: a restored iterator yields the same next batch, so training resumes mid-epoch.
 """
 
 import logging
@@ -21,7 +23,12 @@ _READ_THREADS = 2  # threads decoding clips when there are no worker processes
 
 
 def make_source(data: DataConfig):
-    """The random-access clip source the config names: `source[i] -> {"video", "caption"}`."""
+    """The random-access clip source the config names: `source[i] -> {"video", "caption"}`
+    (a latent cache: `{"latents", "caption", "text_tokens", "text_mask"}`)."""
+    if data.source == "cache":
+        from jaxdit.data.latent_cache import LatentCache
+
+        return LatentCache(data.cache)
     if data.source == "shapes":
         from jaxdit.data.shapes import ShapesDataset
 
@@ -37,15 +44,21 @@ def make_source(data: DataConfig):
 
 
 class PrepareClip(grain.transforms.RandomMap):
-    """Drops the caption to the empty caption with probability `dropout`, then tokenises it."""
+    """Drops the caption to the empty caption with probability `dropout`, then tokenises it
+    (or takes the tokens a latent cache stored). One random draw per clip either way, so a cache
+    drops the same captions as the videos it was written from."""
 
     def __init__(self, tokenizer: ByteTokenizer, dropout: float):
         self.tokenizer, self.dropout = tokenizer, dropout
 
     def random_map(self, clip: dict, rng: np.random.Generator) -> dict:
-        caption = "" if rng.random() < self.dropout else clip["caption"]
-        tokens, mask = self.tokenizer.encode(caption)  # (L,), (L,)
-        example = {"video": clip["video"], "text_tokens": tokens, "text_mask": mask}
+        dropped = rng.random() < self.dropout
+        if "text_tokens" in clip and not dropped:
+            tokens, mask = clip["text_tokens"], clip["text_mask"]  # (L,), (L,)
+        else:
+            tokens, mask = self.tokenizer.encode("" if dropped else clip["caption"])  # (L,), (L,)
+        pixels = "latents" if "latents" in clip else "video"
+        example = {pixels: clip[pixels], "text_tokens": tokens, "text_mask": mask}
         if "label" in clip:
             example["label"] = np.int32(clip["label"])
         return example
@@ -72,6 +85,10 @@ def make_dataset(
             f"the global batch size {global_batch_size} must divide evenly over {process_count} processes."
         )
     source = make_source(data) if source is None else source
+    from jaxdit.data.latent_cache import LatentCache
+
+    if isinstance(source, LatentCache):  # written with this run's codec and tokenizer?
+        source.check(config)
     dataset = grain.MapDataset.source(source)
     if data.shuffle:
         dataset = dataset.shuffle(seed=data.seed)

@@ -1,0 +1,152 @@
+"""Training a video autoencoder as a codec (`task="codec"`): its loss, held-out PSNR, previews, freezing.
+
+train.py runs the same loop as for the DiT (checkpoints, resume, logging); what differs is
+`codec_loss` and what is written at each preview: `CodecPreviews.write` reconstructs held-out
+clips with the EMA weights, logs their PSNR, writes original-vs-reconstruction videos to
+workdir/samples/, measures the latent scale on those clips and saves the frozen codec to
+workdir/codec/, which `jaxdit.codec.load(workdir)` reads and a DiT config names as
+`CodecConfig(kind="saved", path=workdir)`.
+"""
+
+import dataclasses
+import logging
+import pathlib
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxdit.codec.autoencoder import kl_to_standard_normal
+from jaxdit.codec.base import to_float, to_uint8
+from jaxdit.config import AutoencoderConfig, Config
+
+log = logging.getLogger(__name__)
+
+PIXEL_RANGE = 2.0  # pixels live in [-1, 1]: PSNR's peak-to-peak signal
+HELD_OUT_SEED_OFFSET = 1_000_003  # moving shapes drawn with data.seed + this are never trained on
+PREVIEW_CLIPS = 4  # held-out clips shown as original | reconstruction
+
+
+def psnr(reconstruction: jax.Array, video: jax.Array) -> jax.Array:
+    """Peak signal-to-noise ratio in dB of each clip (B,), for float frames in [-1, 1]."""
+    mse = jnp.square(reconstruction - video).reshape(video.shape[0], -1).mean(axis=1)  # (B,)
+    return 10.0 * jnp.log10(PIXEL_RANGE**2 / jnp.maximum(mse, 1e-10))
+
+
+def codec_loss(model, batch: dict, rng: jax.Array, *, config: AutoencoderConfig) -> tuple[jax.Array, dict]:
+    """Reconstruction (L1 or MSE) + kl_weight * KL, both per pixel value.
+
+    Stable Diffusion's VAE sums both over pixels and latents; dividing both by the same count
+    keeps its balance, so a kl_weight means the same here as there.
+    """
+    video = to_float(batch["video"])  # (B, T, H, W, 3)
+    reconstruction, mean, logvar = model(video, rng=rng)  # (B, T, H, W, 3), (B, t, h, w, c) x 2
+    error = (reconstruction - video).reshape(video.shape[0], -1)  # (B, T*H*W*3)
+    per_pixel = jnp.abs(error) if config.reconstruction == "l1" else jnp.square(error)
+    rec = per_pixel.mean(axis=1)  # (B,)
+    kl = kl_to_standard_normal(mean, logvar) / error.shape[1]  # (B,)
+    loss = (rec + config.kl_weight * kl).mean()
+    return loss, {"reconstruction": rec.mean(), "kl": kl.mean(), "psnr": psnr(reconstruction, video).mean()}
+
+
+def held_out_source(config: Config):
+    """Clips never trained on: other moving shapes, or the folder of `data.eval_manifest`."""
+    from jaxdit.data.pipeline import make_source
+
+    data = config.data
+    if data.source == "shapes":
+        return make_source(dataclasses.replace(data, seed=data.seed + HELD_OUT_SEED_OFFSET))
+    if data.eval_manifest:
+        return make_source(dataclasses.replace(data, manifest=data.eval_manifest))
+    log.warning("no data.eval_manifest: the codec's PSNR is measured on the first training clips, not held-out ones")
+    return make_source(data)
+
+
+class CodecPreviews:
+    """At each preview step: held-out PSNR, original | reconstruction videos, the frozen codec in workdir/codec/."""
+
+    def __init__(self, config: Config, graphdef, mesh, abstract_state, workdir: pathlib.Path, *, writer, enabled: bool):
+        self.config, self.graphdef, self.writer, self.enabled = config, graphdef, writer, enabled
+        self.workdir = pathlib.Path(workdir)
+        self.directory = self.workdir / "samples"
+        source = held_out_source(config)
+        count = min(config.autoencoder.eval_clips, len(source))
+        self.clips = np.stack([source[i]["video"] for i in range(count)])  # (N, T, H, W, 3) uint8
+        self.mesh = mesh
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        params = jax.tree.map(lambda x: x.sharding, abstract_state.ema)
+
+        def reconstruct(ema, model_rngs, video):
+            model = nnx.merge(graphdef, ema, model_rngs)
+            x = to_float(video)  # (b, T, H, W, 3)
+            mean, _ = model.moments(x)  # (b, t, h, w, c)
+            out = model.decoder(mean)  # (b, T, H, W, 3)
+            stats = jnp.stack([mean.mean(), jnp.square(mean).mean()])  # for the latent scale
+            return to_uint8(out), psnr(out, x), stats
+
+        self._reconstruct = jax.jit(reconstruct, in_shardings=(params, replicated, replicated), out_shardings=replicated)
+
+    def _path(self, step: int, suffix: str) -> pathlib.Path:
+        return self.directory / f"step_{step:07d}{suffix}"
+
+    def written(self, step: int) -> bool:
+        return self._path(step, ".mp4").exists()
+
+    def evaluate(self, state) -> tuple[np.ndarray, np.ndarray, float, float]:
+        """Reconstructions (N, T, H, W, 3) uint8, PSNR per clip (N,), and the latents' mean and std."""
+        batch = self.config.train.batch_size
+        videos, scores, stats = [], [], []
+        for start in range(0, len(self.clips), batch):
+            chunk = self.clips[start : start + batch]
+            chunk = jax.make_array_from_callback(chunk.shape, self._replicated(), lambda i, c=chunk: c[i])
+            out, score, moment = self._reconstruct(state.ema, state.model_rngs, chunk)
+            videos.append(_host(out)), scores.append(_host(score)), stats.append(_host(moment) * len(_host(score)))
+        first, second = np.sum(stats, axis=0) / len(self.clips)
+        return np.concatenate(videos), np.concatenate(scores), float(first), float(np.sqrt(second - first**2))
+
+    def _replicated(self):
+        return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+
+    def write(self, step: int, state) -> None:
+        from jaxdit import codec as codecs
+        from jaxdit.video_io import write_videos
+
+        reconstructions, scores, mean, std = self.evaluate(state)
+        metrics = {"eval_psnr": float(scores.mean()), "latent_mean": mean, "latent_std": std}
+        self.writer.write(step, metrics)
+        # Freeze: the EMA weights, latents scaled to unit variance (as measured here), into workdir/codec/.
+        model = nnx.merge(self.graphdef, state.ema, state.model_rngs)
+        model.scale, model.shift = 1.0 / max(std, 1e-6), mean
+        notes = dict(
+            step=step, eval_psnr_db=metrics["eval_psnr"], held_out_clips=len(self.clips),
+            scale_measured_on=f"the posterior means of {len(self.clips)} held-out clips",
+        )
+        _replace_directory(self.workdir / codecs.RUN_CODEC_DIR, lambda path: codecs.save(model, path, **notes))
+        if self.enabled:
+            shown = min(PREVIEW_CLIPS, len(self.clips))
+            pairs = np.concatenate([self.clips[:shown], reconstructions[:shown]], axis=3)  # (n, T, H, 2W, 3)
+            labels = [f"original | reconstruction, {s:.1f} dB" for s in scores[:shown]]
+            for suffix in (".png", ".mp4"):  # the mp4 last: its presence marks the step as done
+                write_videos(self._path(step, suffix), pairs, labels, fps=self.config.sample.fps, num_samples=1)
+        log.info(
+            "step %d: held-out PSNR %.2f dB on %d clips; latents mean %.3f std %.3f; frozen codec in %s",
+            step, metrics["eval_psnr"], len(self.clips), mean, std, self.workdir / codecs.RUN_CODEC_DIR,
+        )
+
+
+def _replace_directory(target: pathlib.Path, write) -> None:
+    """`write(tmp)` then swap it in for `target`, so a reader never sees a half-written codec."""
+    tmp = target.with_name(target.name + ".tmp")
+    if jax.process_index() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    if jax.process_index() == 0:
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+
+
+def _host(array: jax.Array) -> np.ndarray:
+    """A replicated array's value, readable on every process."""
+    return np.asarray(array.addressable_data(0))

@@ -1,0 +1,394 @@
+"""The latent cache: a data set encoded once by the frozen codec, so that training reads latents
+instead of decoding and encoding every video at every step.
+
+    python -m jaxdit.data.latent_cache --config configs/shapes.py --out caches/shapes --num-clips 50000
+    python train.py --config configs/shapes.py --data.source cache --data.cache caches/shapes
+
+Layout of a cache directory (clip i lives in shard i // shard_size):
+
+    cache.json            what was encoded: num_clips, shard_size, latent shape and dtype, the codec
+                          (config section and codec.json), the data section, text.max_length
+    shard_00000/          clips 0 .. shard_size - 1
+        latents.npy       float32 (n, t, h, w, c): codec.encode of the videos (the posterior mean)
+        text_tokens.npy   int32 (n, L): the captions, tokenised (caption dropout happens in training)
+        text_mask.npy     bool (n, L)
+        captions.json     the n captions
+        labels.npy        int32 (n,), when the source has class labels
+    shard_00001/ ...
+
+A shard is written into a temporary folder and renamed when complete, so a shard folder that
+exists is a complete shard: an interrupted writer loses nothing, and running the same command
+again writes only the missing shards. Several processes split the shards (process p writes
+shard k when k % process_count == p); any process count gives the same cache.
+"""
+
+import argparse
+import collections
+import concurrent.futures
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import shlex
+import shutil
+import sys
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxdit.config import Config, ConfigError
+from jaxdit.data.pipeline import make_source
+from jaxdit.text import ByteTokenizer
+
+HEADER = "cache.json"
+LATENTS, TOKENS, MASK, LABELS = "latents.npy", "text_tokens.npy", "text_mask.npy", "labels.npy"
+CAPTIONS = "captions.json"
+FORMAT = 1  # bumped when the layout changes
+LATENT_DTYPE = np.float32  # latents are stored in float32 whatever the codec computes in
+DEFAULT_SHARD_SIZE = 1000  # clips per shard: ~256 MB of 16x32x32x4 latents, few enough files for any file system
+DEFAULT_BATCH_SIZE = 32  # clips per jitted encode call
+WRITE_COMMAND = "python -m jaxdit.data.latent_cache --config CONFIG --out DIR --num-clips N"
+_TMP_SUFFIX = ".tmp"  # a shard being written; renamed to its final name when complete
+_READ_THREADS = 4  # threads reading (decoding, drawing) clips while the codec encodes
+_OPEN_SHARDS = 32  # shards a LatentCache keeps memory-mapped (each holds a few file descriptors)
+# Data fields that only change how clips are batched, not what clip i is: not part of a cache's identity.
+_LOADER_FIELDS = ("caption_dropout", "shuffle", "num_workers", "prefetch", "cache", "eval_manifest")
+
+
+def shard_name(k: int) -> str:
+    return f"shard_{k:05d}"
+
+
+def _shards_of(process_index: int, process_count: int, *, num_clips: int, shard_size: int) -> range:
+    """The shards one process writes: every process_count-th, from its index."""
+    return range(process_index, math.ceil(num_clips / max(shard_size, 1)), process_count)
+
+
+def _codec_record(config: Config) -> dict:
+    """The codec as the cache records it: its config section and, for a saved codec, its codec.json."""
+    from jaxdit.codec import describe
+
+    section = dataclasses.asdict(config.codec)
+    if config.codec.kind == "saved":  # as train.py records it: absolute, so it names one codec from anywhere
+        section["path"] = os.path.abspath(config.codec.path)
+    return {"config": section, "description": describe(config.codec.path) if config.codec.kind == "saved" else None}
+
+
+def _header(config: Config, *, num_clips: int, shard_size: int, latent_shape, has_labels: bool) -> dict:
+    data = {k: v for k, v in dataclasses.asdict(config.data).items() if k not in _LOADER_FIELDS}
+    header = {
+        "format": FORMAT,
+        "num_clips": num_clips,
+        "shard_size": shard_size,
+        "num_shards": math.ceil(num_clips / shard_size),
+        "latent_shape": list(latent_shape),  # (t, h, w, c) of one clip
+        "latent_dtype": np.dtype(LATENT_DTYPE).name,
+        "codec": _codec_record(config),
+        "data": data,
+        "text_max_length": config.text.max_length,
+        "has_labels": has_labels,
+    }
+    return json.loads(json.dumps(header))  # as it reads back: tuples become lists
+
+
+def _write_json_atomically(path: pathlib.Path, value) -> None:
+    tmp = path.with_name(path.name + _TMP_SUFFIX)
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _check_resume(directory: pathlib.Path, header: dict) -> None:
+    """An existing cache.json must describe the cache this call would write."""
+    path = directory / HEADER
+    if not path.is_file():
+        return
+    old, new = _flat(json.loads(path.read_text())), _flat(header)
+    differences = [
+        f"{key}: {old.get(key)!r} there, {new.get(key)!r} now" for key in {**old, **new} if old.get(key) != new.get(key)
+    ]
+    if differences:
+        raise ConfigError(
+            f"{directory} already holds a latent cache written with different settings ({'; '.join(differences)}). "
+            "Resuming must use the same config, codec, --num-clips and --shard-size: write to a new --out "
+            "directory, or delete this one to rewrite it."
+        )
+
+
+def _flat(header: dict) -> dict:
+    """{"data": {"seed": 0}} -> {"data.seed": 0}, so a difference names the field."""
+    flat = {}
+    for key, value in header.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in _flat(value).items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def _encoder(codec, batch_size: int):
+    """uint8 videos (B, T, H, W, 3) -> latents (B, t, h, w, c), one jitted program; the batch is split over
+    this process's devices when it divides evenly (the codec's state replicated on each)."""
+    from jaxdit.codec import jitted
+
+    devices = jax.local_devices()
+    if len(devices) == 1 or batch_size % len(devices):
+        return jitted(codec)
+    mesh = jax.sharding.Mesh(np.array(devices), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    nnx.update(codec, jax.device_put(nnx.state(codec), NamedSharding(mesh, PartitionSpec())))
+    encode, split = jitted(codec), NamedSharding(mesh, PartitionSpec("data"))
+    return lambda videos: encode(jax.device_put(videos, split))
+
+
+def _encode_clips(source, indices: range, encode, batch_size: int, readers) -> tuple[np.ndarray, list[dict]]:
+    """Clips `indices` of `source` -> float32 latents (n, t, h, w, c) and the clips without their videos.
+
+    Batch by batch, so a shard's videos are never all in memory at once; the next batch is read
+    while the codec encodes the last one. Every batch is padded to `batch_size`: one shape, one compile.
+    """
+    latents, rest, in_flight = [], [], None  # in_flight: (clips in the last batch, its latents being computed)
+    for start in range(0, len(indices), batch_size):
+        clips = list(readers.map(source.__getitem__, indices[start:start + batch_size]))
+        videos = np.stack([clip["video"] for clip in clips])  # (b, T, H, W, 3), b <= batch_size
+        padding = np.zeros((batch_size - len(clips), *videos.shape[1:]), videos.dtype)
+        if in_flight is not None:
+            latents.append(_fetch(*in_flight))
+        in_flight = len(clips), encode(np.concatenate([videos, padding]))  # dispatched, not awaited
+        rest += [{key: value for key, value in clip.items() if key != "video"} for clip in clips]
+    latents.append(_fetch(*in_flight))
+    return np.concatenate(latents), rest  # (n, t, h, w, c)
+
+
+def _fetch(count: int, latents: jax.Array) -> np.ndarray:
+    """(batch_size, t, h, w, c) on the device -> the first `count` (the rest is padding) as float32 on the host."""
+    return np.asarray(latents, LATENT_DTYPE)[:count]
+
+
+def _write_shard(directory: pathlib.Path, k: int, arrays: dict[str, np.ndarray], captions: list[str]) -> None:
+    """Writes shard k into a temporary folder, then renames it: a shard folder that exists is complete."""
+    tmp = directory / (shard_name(k) + _TMP_SUFFIX)
+    if tmp.exists():  # left by an interrupted run
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    for name, array in arrays.items():
+        np.save(tmp / name, array)
+    (tmp / CAPTIONS).write_text(json.dumps(captions, ensure_ascii=False))
+    os.rename(tmp, directory / shard_name(k))
+
+
+def write_cache(
+    config: Config,
+    out,
+    *,
+    num_clips: int,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    process_index: int = 0,
+    process_count: int = 1,
+    progress: bool = False,
+) -> pathlib.Path:
+    """Encodes clips 0..num_clips-1 of the config's data source with its frozen codec into `out`.
+
+    Resumable: shards already in `out` are skipped. This process writes the shards k with
+    k % process_count == process_index; process 0 also writes cache.json. `progress` shows a bar.
+    """
+    from jaxdit.codec import make_codec
+
+    if config.data.source == "cache":
+        raise ConfigError(
+            "data.source is 'cache': a latent cache is written from videos; set --data.source shapes or folder."
+        )
+    if min(num_clips, shard_size, batch_size, process_count) < 1 or not 0 <= process_index < process_count:
+        raise ValueError(
+            f"num_clips, shard_size, batch_size and process_count must be positive and 0 <= process_index < "
+            f"process_count; got {num_clips}, {shard_size}, {batch_size}, {process_count} and {process_index}."
+        )
+    source = make_source(config.data)
+    if num_clips > len(source):
+        raise ValueError(f"--num-clips {num_clips} is more than the {len(source)} clips of the data source; lower it.")
+    codec = make_codec(config.codec)
+    batch_size = min(batch_size, shard_size, num_clips)
+    first = source[0]
+    videos = jax.ShapeDtypeStruct((batch_size, *first["video"].shape), first["video"].dtype)  # (B, T, H, W, 3)
+    latents = jax.eval_shape(codec.encode, videos)  # (B, t, h, w, c): a clip shape the codec rejects fails here
+    header = _header(
+        config, num_clips=num_clips, shard_size=shard_size, latent_shape=latents.shape[1:], has_labels="label" in first
+    )
+    directory = pathlib.Path(out)
+    directory.mkdir(parents=True, exist_ok=True)
+    _check_resume(directory, header)
+    if process_index == 0 and not (directory / HEADER).is_file():
+        _write_json_atomically(directory / HEADER, header)
+
+    mine = _shards_of(process_index, process_count, num_clips=num_clips, shard_size=shard_size)
+    todo = [k for k in mine if not (directory / shard_name(k)).is_dir()]
+    encode = _encoder(codec, batch_size) if todo else None
+    tokenizer = ByteTokenizer(config.text.max_length)
+    from tqdm import tqdm
+
+    bar = tqdm(todo, desc=f"encoding {directory}", unit="shard", disable=not (progress and todo))
+    with concurrent.futures.ThreadPoolExecutor(_READ_THREADS) as readers:
+        for k in bar:
+            indices = range(k * shard_size, min((k + 1) * shard_size, num_clips))
+            latents, clips = _encode_clips(source, indices, encode, batch_size, readers)
+            captions = [clip["caption"] for clip in clips]
+            tokens = tokenizer.encode_batch(captions)  # (n, L) each
+            arrays = {LATENTS: latents, TOKENS: tokens["text_tokens"], MASK: tokens["text_mask"]}
+            if header["has_labels"]:
+                arrays[LABELS] = np.array([clip["label"] for clip in clips], np.int32)  # (n,)
+            _write_shard(directory, k, arrays, captions)
+    return directory
+
+
+class LatentCache:
+    """Random access to a written cache: `cache[i]` -> {"latents": float32 (t, h, w, c), "caption": str,
+    "text_tokens": int32 (L,), "text_mask": bool (L,)} (+ "label": int). Like `ShapesDataset`, it is a
+    grain source. Shards are memory-mapped when first read; the open maps are not pickled, so the
+    cache travels to data-loader worker processes as its directory name and header.
+    """
+
+    def __init__(self, directory):
+        self.directory = str(directory)
+        path = pathlib.Path(directory)
+        if not (path / HEADER).is_file():
+            raise FileNotFoundError(
+                f"{self.directory!r} is not a latent cache (no {HEADER}): write one with `{WRITE_COMMAND}`."
+            )
+        self.info = json.loads((path / HEADER).read_text())
+        self.num_clips, self.shard_size = self.info["num_clips"], self.info["shard_size"]
+        self.latent_shape = tuple(self.info["latent_shape"])  # (t, h, w, c)
+        missing = [shard_name(k) for k in range(self.info["num_shards"]) if not (path / shard_name(k)).is_dir()]
+        if missing:
+            raise FileNotFoundError(
+                f"the latent cache {self.directory!r} is incomplete: {len(missing)} of its {self.info['num_shards']} "
+                f"shards are missing ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}). Rerun the "
+                f"command that wrote it (`{WRITE_COMMAND}` with --num-clips {self.num_clips}): it writes only the "
+                "missing shards."
+            )
+        self._open = collections.OrderedDict()  # shard -> its arrays, least recently used first
+
+    def __len__(self) -> int:
+        return self.num_clips
+
+    def __getitem__(self, i: int) -> dict:
+        i = int(i)
+        if not 0 <= i < self.num_clips:
+            raise IndexError(
+                f"latent cache index {i} is out of range: {self.directory!r} holds clips 0..{self.num_clips - 1}."
+            )
+        shard, j = self._shard(i // self.shard_size), i % self.shard_size
+        clip = {
+            "latents": np.array(shard[LATENTS][j]),  # (t, h, w, c), copied out of the memory map
+            "caption": shard[CAPTIONS][j],
+            "text_tokens": np.array(shard[TOKENS][j]),  # (L,)
+            "text_mask": np.array(shard[MASK][j]),  # (L,)
+        }
+        if LABELS in shard:
+            clip["label"] = int(shard[LABELS][j])
+        return clip
+
+    def _shard(self, k: int) -> dict:
+        if k in self._open:
+            self._open.move_to_end(k)
+            return self._open[k]
+        path = pathlib.Path(self.directory) / shard_name(k)
+        shard = {name: np.load(path / name, mmap_mode="r") for name in (LATENTS, TOKENS, MASK, LABELS)
+                 if name != LABELS or self.info["has_labels"]}
+        shard[CAPTIONS] = json.loads((path / CAPTIONS).read_text())
+        expected = min(self.shard_size, self.num_clips - k * self.shard_size)
+        if len(shard[LATENTS]) != expected or len(shard[CAPTIONS]) != expected:
+            raise ValueError(
+                f"{path} holds {len(shard[LATENTS])} clips, not {expected}: the shard is damaged. Delete that folder "
+                "and rerun the command that wrote the cache to write it again."
+            )
+        self._open[k] = shard
+        if len(self._open) > _OPEN_SHARDS:
+            self._open.popitem(last=False)
+        return shard
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_open": collections.OrderedDict()}  # memory maps stay in their process
+
+    def check(self, config: Config) -> None:
+        """A ConfigError unless a run of `config` can train on these latents."""
+        where = f"the latent cache {self.directory!r}"
+        write = f"write a cache for this config with `{WRITE_COMMAND}`"
+        rewrite = f"or {write}"
+        recorded, current = self.info["codec"], _codec_record(config)
+        if recorded["config"] != current["config"]:
+            raise ConfigError(
+                f"{where} was encoded with codec {recorded['config']} but this config has codec {current['config']}: "
+                f"train with the cache's codec (--codec.kind, --codec.path), {rewrite}."
+            )
+        if recorded["description"] != current["description"]:
+            raise ConfigError(
+                f"the codec at {config.codec.path!r} is not the one {where} was encoded with (its codec.json was "
+                f"{recorded['description']}, it is now {current['description']}): {write}."
+            )
+        if self.info["text_max_length"] != config.text.max_length:
+            raise ConfigError(
+                f"{where} holds captions tokenised to text.max_length={self.info['text_max_length']} but this config "
+                f"has text.max_length={config.text.max_length}: set --text.max_length "
+                f"{self.info['text_max_length']}, {rewrite}."
+            )
+        channels = self.latent_shape[-1]
+        if channels != config.model.in_channels:
+            raise ConfigError(
+                f"{where} holds latents of {channels} channels but this config has model.in_channels="
+                f"{config.model.in_channels}: set --model.in_channels {channels}, {rewrite}."
+            )
+        data = self.info["data"]
+        if (data["num_frames"], data["size"]) != (config.data.num_frames, config.data.size):
+            raise ConfigError(
+                f"{where} holds clips of {data['num_frames']} frames of {data['size']}x{data['size']} pixels but this "
+                f"config has data.num_frames={config.data.num_frames}, data.size={config.data.size}: set "
+                f"--data.num_frames {data['num_frames']} --data.size {data['size']}, {rewrite}."
+            )
+
+    def __repr__(self) -> str:
+        return f"LatentCache({self.directory!r}: {self.num_clips} clips of latents {self.latent_shape})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Encode a config's clips once with its frozen codec into a latent cache to train from.",
+        epilog="Override any config field with --section.field VALUE, as train.py takes them. Running the same "
+        "command again resumes an interrupted cache.",
+    )
+    parser.add_argument("--config", required=True, help="a configs/*.py file; its data, codec and text sections")
+    parser.add_argument("--out", required=True, help="the cache directory")
+    parser.add_argument("--num-clips", type=int, required=True, help="clips 0..N-1 of the data source are encoded")
+    parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="clips per shard (%(default)s)")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="clips per encode (%(default)s)")
+    args, overrides = parser.parse_known_args(argv)
+
+    from jaxdit.config import apply_overrides, load_config
+    from jaxdit.sharding import initialize_distributed
+
+    initialize_distributed()  # a multi-host run splits the shards over its processes
+    try:
+        config = apply_overrides(load_config(args.config), overrides)
+        process_index, process_count = jax.process_index(), jax.process_count()
+        mine = _shards_of(process_index, process_count, num_clips=args.num_clips, shard_size=args.shard_size)
+        there = [k for k in mine if (pathlib.Path(args.out) / shard_name(k)).is_dir()]
+        directory = write_cache(
+            config, args.out, num_clips=args.num_clips, shard_size=args.shard_size, batch_size=args.batch_size,
+            process_index=process_index, process_count=process_count, progress=True,
+        )
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
+    written = [k for k in mine if k not in there]
+    clips = sum(min(args.shard_size, args.num_clips - k * args.shard_size) for k in written)
+    print(f"wrote {clips} clips in {len(written)} shards to {directory} ({len(there)} shards were already there)")
+    header = json.loads((directory / HEADER).read_text()) if (directory / HEADER).is_file() else None
+    if process_index == 0 and header is not None:
+        train = ["python", "train.py", "--config", args.config, *overrides]  # the same clips: the same overrides
+        train += ["--data.source", "cache", "--data.cache", str(directory)]
+        print(f"latents {tuple(header['latent_shape'])} per clip; train from them with:\n  {shlex.join(train)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
