@@ -12,6 +12,7 @@ from the noise of fold_in(key(seed), j), so the same seed gives the same videos 
 of devices and at any batch size. `VideoSampler` is that program; train.py uses it too.
 """
 
+import json
 import logging
 import math
 import pathlib
@@ -75,11 +76,14 @@ def _labels(prompts: list[str], num_classes: int) -> np.ndarray:
 class VideoSampler:
     """The generation program of one model over one mesh: params + prompts -> uint8 videos."""
 
-    def __init__(self, config: Config, graphdef: nnx.GraphDef, codec, mesh: jax.sharding.Mesh, param_shardings):
+    def __init__(
+        self, config: Config, graphdef: nnx.GraphDef, codec, mesh: jax.sharding.Mesh, param_shardings, codec_state=None
+    ):
         self.config, self.graphdef, self.codec, self.mesh = config, graphdef, codec, mesh
         self.param_shardings = param_shardings
         self._codec_graphdef = nnx.graphdef(codec)
-        self._codec_state = frozen_codec_state(codec, mesh)  # an argument of the program, never a constant
+        # An argument of the program, never a constant; a trainer passes the copy its step already uses.
+        self._codec_state = frozen_codec_state(codec, mesh) if codec_state is None else codec_state
         self._programs = {}
 
     def latent_shape(self, num_frames: int, size: int) -> tuple[int, int, int, int]:
@@ -165,6 +169,15 @@ class VideoSampler:
         self._bar.update(1)
 
 
+def _check_codec_record(config: Config, workdir: pathlib.Path) -> None:
+    """A DiT trained on a saved codec samples only with that same codec (train.py recorded its codec.json)."""
+    from jaxdit import codec as codecs
+
+    record = workdir / codecs.RUN_RECORD
+    if config.codec.kind == "saved" and record.is_file():
+        codecs.check_unchanged(config.codec.path, json.loads(record.read_text()), f"the run in {workdir}")
+
+
 def _global(inputs: tuple, mesh: jax.sharding.Mesh) -> tuple:
     """Host arrays (the same on every process) -> global arrays: batched ones split, scalars replicated."""
     batched, replicated = batch_sharding(mesh), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -221,6 +234,7 @@ class Pipeline:
                 )
             step = latest if step is None else step
             config = Config.from_dict(checkpointer.restore_config(step))
+            _check_codec_record(config, pathlib.Path(workdir))
             if config.task == "codec":
                 raise ValueError(
                     f"{str(workdir)!r} trained a codec, not a DiT: load it with jaxdit.codec.load({str(workdir)!r}), "

@@ -6,6 +6,8 @@ killed at any moment loses at most the steps since its last checkpoint, and 2N s
 give bit for bit the same result as N steps, a restart, and N more.
 """
 
+import dataclasses
+import json
 import logging
 import os
 import pathlib
@@ -13,13 +15,12 @@ import signal
 import threading
 import time
 
-import dataclasses
-
 import jax
 import numpy as np
 from flax import nnx
 
 from jaxdit.checkpoint import Checkpointer
+from jaxdit import codec as codecs
 from jaxdit.codec import make_codec
 from jaxdit.config import Config, ConfigError
 from jaxdit.data.pipeline import make_dataset
@@ -34,7 +35,15 @@ log = logging.getLogger(__name__)
 
 # Sections a resumed run must share with the run that wrote the checkpoint; the rest
 # (steps, logging, checkpoint cadence, data workers) may change between restarts.
-_FIXED_SECTIONS = ("task", "model", "text", "diffusion", "codec", "autoencoder")
+_FIXED_SECTIONS = {
+    "dit": ("task", "model", "text", "diffusion", "codec"),
+    "codec": ("task", "autoencoder"),
+}
+_FREE_FIELDS = ("eval_clips",)  # fields of fixed sections that only change what is evaluated
+
+
+def _comparable(section):
+    return {k: v for k, v in section.items() if k not in _FREE_FIELDS} if isinstance(section, dict) else section
 
 
 def check_config(config: Config, mesh: jax.sharding.Mesh, codec) -> None:
@@ -54,17 +63,21 @@ def check_config(config: Config, mesh: jax.sharding.Mesh, codec) -> None:
         except ValueError as error:
             raise ConfigError(f"data.num_frames / data.size: {error}") from None
         return
-    if config.data.source != "cache":
+    if config.data.source == "cache":
+        from jaxdit.data.latent_cache import LatentCache
+
+        latents = LatentCache(config.data.cache).latent_shape  # (t, h, w, c)
+    else:
         try:
             latents = codec.latent_shape((config.data.num_frames, config.data.size, config.data.size, 3))
         except ValueError as error:
             raise ConfigError(f"data.num_frames / data.size do not fit the {config.codec.kind} codec: {error}") from None
-        for name, length, patch in zip(("frames", "height", "width"), latents, config.model.patch):
-            if length % patch:
-                raise ConfigError(
-                    f"the codec makes latents of {length} {name}, which model.variant's patch {config.model.patch} "
-                    f"does not divide: change data.num_frames / data.size or the patch."
-                )
+    for name, length, patch in zip(("frames", "height", "width"), latents, config.model.patch):
+        if length % patch:
+            raise ConfigError(
+                f"the codec makes latents of {length} {name}, which model.variant's patch {config.model.patch} "
+                f"does not divide: change data.num_frames / data.size or the patch."
+            )
     if codec.channels != config.model.in_channels:
         raise ConfigError(
             f"model.in_channels={config.model.in_channels} but the {config.codec.kind!r} codec makes "
@@ -95,6 +108,7 @@ def train(config: Config, workdir: str | pathlib.Path) -> dict:
     )
     data = iter(dataset)
     start = checkpointer.latest_step()
+    _record_codec(config, workdir, resuming=start is not None, primary=primary)
     if start is None:
         state = create_train_state(config, abstract_state)
         start = 0
@@ -103,8 +117,9 @@ def train(config: Config, workdir: str | pathlib.Path) -> dict:
         state = checkpointer.restore(abstract_state, step=start, data_iterator=data)
         log.info("resuming %s from step %d", workdir, start)
     log.info(
-        "%s: %s parameters (codec frozen, not counted), %d devices, mesh %s",
-        config.name, f"{parameter_count(state.params):,}", mesh.size, dict(mesh.shape),
+        "%s: %s parameters%s, %d devices, mesh %s", config.name, f"{parameter_count(state.params):,}",
+        " (the frozen codec not counted)" if config.task == "dit" else " (the codec being trained)",
+        mesh.size, dict(mesh.shape),
     )
     step_fn = make_train_step(config, graphdef, codec, mesh, abstract_state)
     codec_state = frozen_codec_state(codec, mesh)
@@ -114,7 +129,7 @@ def train(config: Config, workdir: str | pathlib.Path) -> dict:
 
         samples = CodecPreviews(config, graphdef, mesh, abstract_state, workdir, writer=writer, enabled=primary)
     else:
-        samples = _Samples(config, graphdef, codec, mesh, abstract_state, workdir, enabled=primary)
+        samples = _Samples(config, graphdef, codec, codec_state, mesh, abstract_state, workdir, enabled=primary)
     # The run's root key never changes; a host copy outlives the state, which each step donates.
     root_rng = jax.random.wrap_key_data(np.asarray(jax.random.key_data(state.rng)))
     progress = _progress_bar(start, cfg.steps, enabled=primary)
@@ -152,9 +167,26 @@ def train(config: Config, workdir: str | pathlib.Path) -> dict:
     return last_metrics
 
 
+def _record_codec(config: Config, workdir: pathlib.Path, *, resuming: bool, primary: bool) -> None:
+    """Copies the saved codec's codec.json into the run; a resumed run checks the codec is unchanged."""
+    if config.codec.kind != "saved":
+        return
+    record = workdir / codecs.RUN_RECORD
+    if resuming and record.is_file():
+        try:
+            codecs.check_unchanged(config.codec.path, json.loads(record.read_text()), f"the run in {workdir}")
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+    elif primary:
+        workdir.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(codecs.describe(config.codec.path), indent=2) + "\n")
+
+
 def _check_same_run(saved: dict, config: Config, workdir: pathlib.Path) -> None:
     current = config.to_dict()
-    changed = [name for name in _FIXED_SECTIONS if saved.get(name, current[name]) != current[name]]
+    saved = Config.from_dict(saved).to_dict()  # JSON gave lists where the config has tuples
+    fixed = _FIXED_SECTIONS[config.task]
+    changed = [name for name in fixed if _comparable(saved[name]) != _comparable(current[name])]
     if changed:
         raise ConfigError(
             f"{workdir} holds a run whose {', '.join(changed)} config differs from this one; "
@@ -165,11 +197,12 @@ def _check_same_run(saved: dict, config: Config, workdir: pathlib.Path) -> None:
 class _Samples:
     """Videos of the config's `sample.prompts` from the EMA weights: workdir/samples/step_N.{mp4,png}."""
 
-    def __init__(self, config: Config, graphdef, codec, mesh, abstract_state, workdir: pathlib.Path, *, enabled: bool):
+    def __init__(self, config: Config, graphdef, codec, codec_state, mesh, abstract_state, workdir: pathlib.Path, *,
+                 enabled: bool):
         self.config, self.enabled = config, enabled
         self.directory = workdir / "samples"
         shardings = jax.tree.map(lambda x: x.sharding, abstract_state.ema)
-        self.sampler = VideoSampler(config, graphdef, codec, mesh, shardings)
+        self.sampler = VideoSampler(config, graphdef, codec, mesh, shardings, codec_state)
 
     def _path(self, step: int, suffix: str) -> pathlib.Path:
         return self.directory / f"step_{step:07d}{suffix}"

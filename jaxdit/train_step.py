@@ -21,7 +21,6 @@ import optax
 from flax import nnx, struct
 
 from jaxdit import diffusion
-from jaxdit.codec.train import codec_loss
 from jaxdit.config import Config, TrainConfig
 from jaxdit.denoiser import Denoiser
 from jaxdit.sharding import batch_sharding, state_sharding
@@ -142,8 +141,11 @@ def train_step(
     codec = nnx.merge(codec_graphdef, codec_state)
 
     def loss_fn(params):
-        model = nnx.merge(graphdef, params, state.model_rngs)
+        # Fresh copies of the RNG streams: the loss reseeds them inside this trace (class-label dropout).
+        model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, state.model_rngs))
         if config.task == "codec":
+            from jaxdit.codec.train import codec_loss
+
             return codec_loss(model, batch, rng, config=config.autoencoder)
         return diffusion_loss(model, batch, rng, config=config, codec=codec)
 

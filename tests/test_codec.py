@@ -23,7 +23,8 @@ from jaxdit.config import TextConfig, apply_overrides, load_config
 from jaxdit.data.latent_cache import write_cache
 from jaxdit.data.shapes import ShapesDataset
 from jaxdit.pipeline import Pipeline
-from jaxdit.train_loop import train
+from jaxdit.sharding import make_mesh
+from jaxdit.train_loop import check_config, train
 
 # Held-out 2-frame 16x16 moving shapes after the 300 steps below: black frames score 17.1 dB, the
 # codec 19.6 dB (its loss leaves the all-black plateau after ~250 steps).
@@ -55,7 +56,7 @@ def test_autoencoder_shapes(channels, temporal, patch, frames, latent):
 
 
 def test_autoencoder_is_causal_in_time():
-    """Output frame i depends on input frames <= i only: changing frames 5.. leaves frames 0..4 as they were."""
+    """Changing video frames 5.. changes neither the latents of frames 0..4 nor their reconstruction."""
     video = np.random.default_rng(0).uniform(-1, 1, (1, 9, 4, 4, 3)).astype(np.float32)
     changed = video.copy()
     changed[:, 5:] = 0.5
@@ -63,12 +64,16 @@ def test_autoencoder_is_causal_in_time():
     @jax.jit  # the model is built inside: one compile, no eager initialisation
     def round_trip(videos):
         model = VideoAutoencoder(channels=(4, 4), temporal_downsample=1, rngs=nnx.Rngs(0))
-        return model.decode(model.encode(videos))
+        latents = model.encode(videos)
+        return latents, model.decode(latents)
 
-    both = round_trip(np.concatenate([video, changed]))  # (2, 9, 4, 4, 3)
-    first, second = both[:1], both[1:]
-    np.testing.assert_array_equal(first[:, :5], second[:, :5])
-    assert not np.allclose(first[:, 5:], second[:, 5:])
+    latents, videos = round_trip(np.concatenate([video, changed]))  # (2, 5, 2, 2, 4), (2, 9, 4, 4, 3)
+    # Latent frame j sees video frames <= 2j: frames 5.. reach latent frames 3.. only.
+    np.testing.assert_array_equal(latents[0, :3], latents[1, :3])
+    assert not np.allclose(latents[0, 3:], latents[1, 3:])
+    # Video frame i is decoded from latent frames <= ceil(i / 2): frames 0..4 from latents 0..2.
+    np.testing.assert_array_equal(videos[0, :5], videos[1, :5])
+    assert not np.allclose(videos[0, 5:], videos[1, 5:])
 
 
 def test_latent_shape_names_what_does_not_fit():
@@ -79,9 +84,18 @@ def test_latent_shape_names_what_does_not_fit():
         model.latent_shape((5, 15, 15, 3))
 
 
+def random_codec(directory, *, step: int, **kwargs) -> VideoAutoencoder:
+    """A saved VideoAutoencoder with random weights, made without eager initialisation (fast)."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: VideoAutoencoder(**kwargs, rngs=nnx.Rngs(0))))
+    rng = np.random.default_rng(step)
+    state = jax.tree.map(lambda x: jnp.asarray(0.3 * rng.standard_normal(x.shape), x.dtype), state)
+    model = nnx.merge(graphdef, state)
+    codecs.save(model, directory, step=step)
+    return model
+
+
 def test_codec_directory_round_trip(tmp_path):
-    model = VideoAutoencoder(channels=(8,), patch=2, scale=0.5, shift=0.25, rngs=nnx.Rngs(1))
-    codecs.save(model, tmp_path / "codec", step=7)
+    model = random_codec(tmp_path / "codec", step=7, channels=(8,), patch=2, scale=0.5, shift=0.25)
     loaded = codecs.load(tmp_path)  # a run's workdir: its codec/ folder is found
     assert (loaded.kind, loaded.scale, loaded.shift, loaded.factors) == ("autoencoder", 0.5, 0.25, (1, 2, 2))
     assert codecs.describe(tmp_path)["step"] == 7
@@ -129,6 +143,10 @@ def test_training_a_codec_writes_previews_metrics_and_the_frozen_codec(codec_run
     assert all(np.isfinite(r["kl"]) for r in records if "kl" in r)
     assert (codec_run / "samples" / "step_0000300.png").is_file()
     assert (codec_run / "samples" / "step_0000300.mp4").is_file()
+    # Run again (here with 8 devices and fewer eval clips): it resumes, finds nothing left to do.
+    assert train(apply_overrides(CODEC_CONFIG, ["--autoencoder.eval_clips", "8"]), codec_run) == {}
+    with pytest.raises(ConfigError, match="holds a run whose autoencoder config differs"):
+        train(apply_overrides(CODEC_CONFIG, ["--autoencoder.latent_channels", "8"]), codec_run)
 
 
 def test_a_trained_codec_reconstructs_held_out_clips_with_unit_variance_latents(codec_run):
@@ -143,37 +161,48 @@ def test_a_trained_codec_reconstructs_held_out_clips_with_unit_variance_latents(
     assert score > PSNR_THRESHOLD_DB, f"held-out PSNR {score:.2f} dB"
 
 
-def test_a_dit_trains_on_the_frozen_codec_and_samples_decoded_videos(codec_run, tmp_path):
+def test_a_dit_trains_on_the_frozen_codec_and_samples_decoded_videos(tmp_path):
+    codec_dir = tmp_path / "codec"
+    random_codec(codec_dir, step=300, channels=(8,), patch=2, latent_channels=4)
     config = Config(
         name="latent_tiny",
-        codec=CodecConfig(kind="saved", path=str(codec_run)),
+        codec=CodecConfig(kind="saved", path=str(codec_dir)),
         model=ModelConfig(variant="tiny/1x2x2", in_channels=4, text_dim=32),
         text=TextConfig(max_length=48, depth=1, heads=2),
         data=DataConfig(source="shapes", num_frames=2, size=16),
         train=TrainConfig(steps=2, batch_size=8, learning_rate=1e-3, checkpoint_every=2, log_every=1),
     )
-    before = nnx.to_pure_dict(nnx.state(codecs.load(codec_run), nnx.Param))
-    train(config, tmp_path)
-    after = nnx.to_pure_dict(nnx.state(codecs.load(codec_run), nnx.Param))
+    before = nnx.to_pure_dict(nnx.state(codecs.load(codec_dir), nnx.Param))
+    train(config, tmp_path / "dit")
+    after = nnx.to_pure_dict(nnx.state(codecs.load(codec_dir), nnx.Param))
     chex.assert_trees_all_equal(before, after)  # bit-identical: the codec is frozen
-    pipe = Pipeline.load(tmp_path)
-    assert pipe.config.codec.path == str(codec_run.absolute())  # recorded, absolute
+    pipe = Pipeline.load(tmp_path / "dit")
+    assert pipe.config.codec.path == str(codec_dir.absolute())  # recorded, absolute
     assert pipe.codec.kind == "autoencoder"
     # The DiT's parameters are the Denoiser's only: no codec array among them.
     codec_shapes = {x.shape for x in jax.tree.leaves(before)}
     assert not any(x.shape in codec_shapes and x.ndim == 5 for x in jax.tree.leaves(nnx.state(pipe.denoiser)))
     videos = pipe.generate(["a large red circle moving left"], steps=2, cfg_scale=1.0)
     assert videos.shape == (1, 2, 16, 16, 3) and videos.dtype == np.uint8
-    # The same DiT from a latent cache: encoded once, no codec in the step.
+    # A latent cache of this config fits it (training from one: tests/test_latent_cache.py, test_train_step.py).
     cache = write_cache(config, tmp_path / "cache", num_clips=16, shard_size=8, batch_size=8)
-    cached = apply_overrides(config, ["--data.source", "cache", "--data.cache", str(cache), "--train.steps", "1"])
-    metrics = train(cached, tmp_path / "from_cache")
-    assert metrics["step"] == 1 and np.isfinite(metrics["loss"])
+    cached = apply_overrides(config, ["--data.source", "cache", "--data.cache", str(cache)])
+    check_config(cached, make_mesh(), pipe.codec)
+    with pytest.raises(ConfigError, match="model.variant's patch"):
+        check_config(apply_overrides(cached, ["--model.variant", "tiny/1x3x3"]), make_mesh(), pipe.codec)
+    # A codec trained further (here: its codec.json rewritten) is not the one the DiT learned.
+    info = codecs.describe(codec_dir)
+    (codec_dir / codecs.SPEC_FILE).write_text(json.dumps({**info, "step": info["step"] + 100}))
+    with pytest.raises(ValueError, match="changed since the run in .* used it \\(step: 300 then, 400 now\\)"):
+        Pipeline.load(tmp_path / "dit")
+    with pytest.raises(ConfigError, match="changed since"):
+        train(apply_overrides(config, ["--train.steps", "3"]), tmp_path / "dit")
 
 
-def test_configs_that_do_not_fit_the_codec_are_refused_before_training(codec_run, tmp_path):
+def test_configs_that_do_not_fit_the_codec_are_refused_before_training(tmp_path):
+    random_codec(tmp_path / "codec", step=1, channels=(8,), patch=2, latent_channels=4)
     base = Config(
-        codec=CodecConfig(kind="saved", path=str(codec_run)),
+        codec=CodecConfig(kind="saved", path=str(tmp_path / "codec")),
         model=ModelConfig(variant="tiny/1x2x2", in_channels=4, text_dim=32),
         data=DataConfig(source="shapes", num_frames=2, size=16),
         train=TrainConfig(steps=1, batch_size=8),

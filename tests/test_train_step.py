@@ -4,10 +4,10 @@ non-finite updates, and it compiles for a large model from shapes alone."""
 import dataclasses
 
 import jax
-from flax import nnx
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import jaxdit
 from jaxdit.codec import IdentityCodec
@@ -138,3 +138,19 @@ def test_train_step_lowers_for_xl_from_shapes_alone():
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
     assert count > 600_000_000  # DiT-XL with a text encoder
     assert "fsdp" in lowered.as_text()  # the parameters enter the program split over the fsdp axis
+
+
+def test_class_conditional_step_on_latents():
+    """DiT's image setting (class labels, learned variance) on latents from a cache: label dropout
+    reseeds the model's RNG streams inside the gradient trace, and no codec runs in the step."""
+    config = apply_overrides(
+        TINY,
+        ["--model.variant", "tiny/1x2x2", "--model.in_channels", "4", "--model.text_dim", "0",
+         "--model.num_classes", "10", "--model.learn_sigma", "true", "--train.batch_size", "4"],
+    )
+    mesh = make_mesh(devices=jax.devices()[:1])
+    state, step = setup(config, mesh)
+    rng = np.random.default_rng(0)
+    batch = {"latents": rng.normal(size=(4, 1, 8, 8, 4)).astype(np.float32), "label": np.arange(4, dtype=np.int32)}
+    state, metrics = step(state, global_batch(batch, mesh), jax.random.key(0))
+    assert int(state.step) == 1 and np.isfinite(float(metrics["loss"])) and float(metrics["vb"]) > 0

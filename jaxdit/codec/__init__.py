@@ -23,6 +23,7 @@ from jaxdit.config import CodecConfig
 
 SPEC_FILE, PARAMS_DIR = "codec.json", "params"
 RUN_CODEC_DIR = "codec"  # a codec-training run writes its frozen codec into workdir/codec/
+RUN_RECORD = "frozen_codec.json"  # a DiT run's copy of the codec.json of the saved codec it trains on
 
 
 def codec_class(kind: str):
@@ -55,7 +56,7 @@ def save(codec, directory, **notes) -> pathlib.Path:
     directory = pathlib.Path(directory).absolute()
     directory.mkdir(parents=True, exist_ok=True)
     params = nnx.state(codec, nnx.Param)
-    if jax_leaves(params):
+    if jax.tree.leaves(params):
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(directory / PARAMS_DIR, nnx.to_pure_dict(params), force=True)
     if jax.process_index() == 0:  # every process saves the parameters with orbax; one writes the JSON
@@ -91,12 +92,24 @@ def load(path):
     cls = codec_class(info["kind"])
     abstract = nnx.eval_shape(lambda: cls(**info["spec"], rngs=nnx.Rngs(0)))
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-    if jax_leaves(params):
+    if jax.tree.leaves(params):
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(params))
         with ocp.StandardCheckpointer() as checkpointer:
             restored = checkpointer.restore(directory / PARAMS_DIR, target)
         nnx.replace_by_pure_dict(params, restored)
     return nnx.merge(graphdef, params, rest)
+
+
+def check_unchanged(path, recorded: dict, user: str) -> None:
+    """A ValueError when the codec at `path` is no longer the one `user` recorded (its codec.json)."""
+    current = describe(path)
+    if current != recorded:
+        changed = sorted(k for k in set(current) | set(recorded) if current.get(k) != recorded.get(k))
+        details = ", ".join(f"{k}: {recorded.get(k)!r} then, {current.get(k)!r} now" for k in changed)
+        raise ValueError(
+            f"the codec at {str(path)!r} changed since {user} used it ({details}). Latents of another codec "
+            "mean nothing to this model: restore that codec, or train the DiT again on the new one."
+        )
 
 
 def jitted(codec, method: str = "encode"):
@@ -109,10 +122,4 @@ def jitted(codec, method: str = "encode"):
     return lambda x: apply(state, x)
 
 
-def jax_leaves(tree) -> list:
-    import jax
-
-    return jax.tree.leaves(tree)
-
-
-__all__ = ["IdentityCodec", "codec_class", "codec_directory", "describe", "jitted", "load", "make_codec", "save", "to_float", "to_uint8"]
+__all__ = ["IdentityCodec", "check_unchanged", "codec_class", "codec_directory", "describe", "jitted", "load", "make_codec", "save", "to_float", "to_uint8"]

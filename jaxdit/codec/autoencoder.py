@@ -5,11 +5,11 @@
 The input is first cut into `patch` x `patch` pixel squares stacked as channels (space to depth,
 which spares the costly full-resolution convolutions; the decoder ends with the inverse), then
 each level after the first halves height and width with a strided convolution; the first
-`temporal_downsample` of them also halve time. Time is causal: every convolution sees only the
-current and earlier frames (the past is padded with copies of frame 0), and normalisation is per
-frame, so frame i of the output depends on frames <= i only. Halving time keeps frame 0 on its own:
-1 + 2k frames -> 1 + k, so a single image is a valid 1-frame video (as in MAGVIT-v2 and Open-Sora's
-VAE). Trained by train.py with `task="codec"` (jaxdit.codec.train); frozen, it is a codec with the
+`temporal_downsample` (k) of them also halve time. Time is causal: every convolution sees only
+the current and earlier frames (the past is padded with copies of frame 0) and normalisation is
+per frame, so latent frame j depends only on video frames <= 2^k j, and video frame i is decoded
+from latent frames <= ceil(i / 2^k). Halving time keeps frame 0 on its own: 1 + 2n frames ->
+1 + n, so a single image is a valid 1-frame video (as in MAGVIT-v2 and Open-Sora's VAE). Trained by train.py with `task="codec"` (jaxdit.codec.train); frozen, it is a codec with the
 interface of `jaxdit.codec.base`.
 """
 
@@ -24,8 +24,8 @@ from jaxdit.codec.base import latent_shape, to_float
 
 _TIME_KERNEL = 3  # frames each temporal convolution sees: the current one and two before
 _GROUPS = 8  # GroupNorm groups (fewer when a width does not divide)
-_LOGVAR_RANGE = (-30.0, 20.0)
-_INITIAL_LOGVAR = -8.0  # the encoder's log-variance at initialisation: posterior std ~0.02  # clip the encoder's log-variance, as Stable Diffusion's VAE does
+_LOGVAR_RANGE = (-30.0, 20.0)  # clip the encoder's log-variance, as Stable Diffusion's VAE does
+_INITIAL_LOGVAR = -8.0  # the encoder's log-variance at initialisation: posterior std ~0.02
 
 
 class FrameNorm(nnx.Module):

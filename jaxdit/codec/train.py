@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 PIXEL_RANGE = 2.0  # pixels live in [-1, 1]: PSNR's peak-to-peak signal
 HELD_OUT_SEED_OFFSET = 1_000_003  # moving shapes drawn with data.seed + this are never trained on
 PREVIEW_CLIPS = 4  # held-out clips shown as original | reconstruction
+_MIN_LATENT_STD = 1e-6  # below this the latents carry nothing: the scale 1/std would be meaningless
 
 
 def psnr(reconstruction: jax.Array, video: jax.Array) -> jax.Array:
@@ -74,15 +75,14 @@ class CodecPreviews:
         source = held_out_source(config)
         count = min(config.autoencoder.eval_clips, len(source))
         self.clips = np.stack([source[i]["video"] for i in range(count)])  # (N, T, H, W, 3) uint8
-        self.mesh = mesh
-        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        self.replicated = replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         params = jax.tree.map(lambda x: x.sharding, abstract_state.ema)
 
         def reconstruct(ema, model_rngs, video):
             model = nnx.merge(graphdef, ema, model_rngs)
             x = to_float(video)  # (b, T, H, W, 3)
             mean, _ = model.moments(x)  # (b, t, h, w, c)
-            out = model.decoder(mean)  # (b, T, H, W, 3)
+            out = jnp.clip(model.decoder(mean), -1.0, 1.0)  # (b, T, H, W, 3): what the videos show
             stats = jnp.stack([mean.mean(), jnp.square(mean).mean()])  # for the latent scale
             return to_uint8(out), psnr(out, x), stats
 
@@ -100,14 +100,17 @@ class CodecPreviews:
         videos, scores, stats = [], [], []
         for start in range(0, len(self.clips), batch):
             chunk = self.clips[start : start + batch]
-            chunk = jax.make_array_from_callback(chunk.shape, self._replicated(), lambda i, c=chunk: c[i])
-            out, score, moment = self._reconstruct(state.ema, state.model_rngs, chunk)
-            videos.append(_host(out)), scores.append(_host(score)), stats.append(_host(moment) * len(_host(score)))
+            chunk = jax.make_array_from_callback(chunk.shape, self.replicated, lambda i, c=chunk: c[i])
+            out, score, moment = (_host(x) for x in self._reconstruct(state.ema, state.model_rngs, chunk))
+            videos.append(out), scores.append(score), stats.append(moment * len(score))
         first, second = np.sum(stats, axis=0) / len(self.clips)
-        return np.concatenate(videos), np.concatenate(scores), float(first), float(np.sqrt(second - first**2))
-
-    def _replicated(self):
-        return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        std = float(np.sqrt(max(second - first**2, 0.0)))  # float cancellation may dip below 0
+        if not np.isfinite(std) or std < _MIN_LATENT_STD:
+            raise FloatingPointError(
+                f"the codec's latents have std {std} on the held-out clips: the encoder has collapsed or diverged, "
+                "so no latent scale can be measured. Lower train.learning_rate or autoencoder.kl_weight and retrain."
+            )
+        return np.concatenate(videos), np.concatenate(scores), float(first), std
 
     def write(self, step: int, state) -> None:
         from jaxdit import codec as codecs
@@ -118,7 +121,7 @@ class CodecPreviews:
         self.writer.write(step, metrics)
         # Freeze: the EMA weights, latents scaled to unit variance (as measured here), into workdir/codec/.
         model = nnx.merge(self.graphdef, state.ema, state.model_rngs)
-        model.scale, model.shift = 1.0 / max(std, 1e-6), mean
+        model.scale, model.shift = 1.0 / std, mean
         notes = dict(
             step=step, eval_psnr_db=metrics["eval_psnr"], held_out_clips=len(self.clips),
             scale_measured_on=f"the posterior means of {len(self.clips)} held-out clips",
@@ -137,14 +140,23 @@ class CodecPreviews:
 
 
 def _replace_directory(target: pathlib.Path, write) -> None:
-    """`write(tmp)` then swap it in for `target`, so a reader never sees a half-written codec."""
-    tmp = target.with_name(target.name + ".tmp")
-    if jax.process_index() == 0:
+    """`write(tmp)`, then swap it in for `target` by renames: a reader sees the old codec or the new one,
+    never a half-written one, and a kill at any moment leaves one of them in place (or in `.old`)."""
+    tmp, old = (target.with_name(target.name + suffix) for suffix in (".tmp", ".old"))
+    primary = jax.process_index() == 0
+    if primary:
         shutil.rmtree(tmp, ignore_errors=True)
     write(tmp)
-    if jax.process_index() == 0:
-        shutil.rmtree(target, ignore_errors=True)
+    if primary:
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            target.rename(old)
         tmp.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("jaxdit frozen codec written")
 
 
 def _host(array: jax.Array) -> np.ndarray:

@@ -1,0 +1,186 @@
+"""Training speed of the real jitted train step on synthetic data: samples/s, tokens/s, TFLOP/s, MFU.
+
+    python benchmarks/train.py                                                  # configs/shapes_tiny.py at its batch size
+    python benchmarks/train.py --config configs/shapes.py --batch-size 64 --out results.jsonl
+    python benchmarks/train.py --config configs/shapes.py --dtype bfloat16 --attention cudnn --remat dots
+    python benchmarks/train.py --config configs/shapes.py --fsdp 8 --model.variant B/2x4x4 --num-frames 32
+    python benchmarks/train.py --config configs/dit_image.py --latents --num-frames 1 --size 32 --batch-size 32
+                                                          # DiT-XL/2 at 256x256: 32x32x4 latents, as from a latent cache
+
+The step is `jaxdit.train_step.make_train_step`, the one train.py runs (frozen codec encode,
+text encoder, VideoDiT, loss, AdamW, EMA) over the same (data, fsdp) mesh. It is compiled ahead
+of time (`compile_s`), run `--warmup` times, then `--steps` times, each step waited for with
+block_until_ready; `step_time_s` is the median. Batches are random uint8 videos (or, with
+`--latents`, latents: no codec in the step, as with a latent cache) and random caption tokens
+made directly on the devices, so data loading and host-to-device copies are not timed.
+
+FLOPs are model FLOPs (`jaxdit.flops`): 3 x the VideoDiT's forward, multiply-add = 2, the
+codec and text encoder not counted. MFU = flops_per_sample x samples/s / (devices x dense bf16
+peak), null where the peak is unknown (CPU). Any other `--section.field VALUE` overrides the
+config as in train.py. Prints a table; `--out F` appends the figures as one JSON line.
+Figures are printed, never asserted.
+"""
+
+import argparse
+import statistics
+import time
+import warnings
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], allow_abbrev=False,
+        epilog="Any other --section.field VALUE overrides that config field, as in train.py.",
+    )
+    parser.add_argument("--config", default="configs/shapes_tiny.py")
+    parser.add_argument("--batch-size", type=int, help="global batch (default: train.batch_size)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
+    parser.add_argument("--num-frames", type=int, help="frames per clip (default: data.num_frames)")
+    parser.add_argument("--size", type=int, help="pixels per side (default: data.size); latents with --latents")
+    parser.add_argument("--dtype", help="model.dtype: float32, bfloat16, float16")
+    parser.add_argument("--attention", help="model.attention: auto, xla, cudnn")
+    parser.add_argument("--remat", help="model.remat: none, full, dots")
+    parser.add_argument("--fsdp", type=int, help="devices per parameter shard: the mesh is (devices / fsdp, fsdp)")
+    parser.add_argument("--latents", action="store_true", help="feed (frames, size, size, in_channels) latents, no codec")
+    parser.add_argument("--out", help="append the figures to this JSON-lines file")
+    args, overrides = parser.parse_known_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be at least 1 and --warmup at least 0.")
+    return args, overrides
+
+
+def synthetic_batch(config, latent_shape, *, latents: bool, mesh):
+    """A random global batch made on the devices, split over the mesh as train.py's batches are."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxdit.sharding import batch_sharding
+    from jaxdit.text import VOCAB_SIZE
+
+    b, data, model = config.train.batch_size, config.data, config.model
+
+    def make(key):
+        pixels_key, text_key, label_key = jax.random.split(key, 3)
+        if latents:
+            batch = {"latents": jax.random.normal(pixels_key, (b, *latent_shape), jnp.float32)}  # (B, T, H, W, C)
+        else:
+            shape = (b, data.num_frames, data.size, data.size, 3)
+            batch = {"video": jax.random.bits(pixels_key, shape, jnp.uint8)}  # (B, T, H, W, 3)
+        if model.has_text:
+            length = config.text.max_length
+            batch["text_tokens"] = jax.random.randint(text_key, (b, length), 0, VOCAB_SIZE, jnp.int32)  # (B, L)
+            batch["text_mask"] = jnp.ones((b, length), bool)  # (B, L): attention costs the same masked or not
+        if model.num_classes:
+            batch["label"] = jax.random.randint(label_key, (b,), 0, model.num_classes, jnp.int32)  # (B,)
+        return batch
+
+    return jax.jit(make, out_shardings=batch_sharding(mesh))(jax.random.key(config.train.seed))
+
+
+def run(config, *, latents: bool, steps: int, warmup: int) -> dict:
+    import jax
+
+    from jaxdit import benchmarking, flops
+    from jaxdit.attention import resolve_implementation
+    from jaxdit.codec import IdentityCodec, make_codec
+    from jaxdit.sharding import make_mesh
+    from jaxdit.train_loop import check_config, parameter_count
+    from jaxdit.train_step import (
+        abstract_train_state, create_train_state, frozen_codec_state, make_train_step, model_graphdef,
+    )
+
+    if config.task != "dit":
+        raise ValueError("benchmarks/train.py times the DiT train step: use a DiT config (task='dit').")
+    model, data = config.model, config.data
+    mesh = make_mesh(config.train.fsdp)
+    if latents:  # the step reads latents from the batch and never calls the codec
+        codec = IdentityCodec()
+        latent_shape = (data.num_frames, data.size, data.size, model.in_channels)
+        if config.train.batch_size % mesh.size:
+            raise ValueError(f"--batch-size {config.train.batch_size} must be divisible by the {mesh.size} devices.")
+    else:
+        codec = make_codec(config.codec)
+        check_config(config, mesh, codec)
+        latent_shape = tuple(codec.latent_shape((data.num_frames, data.size, data.size, 3)))
+    text_length = config.text.max_length if model.has_text else 0
+
+    graphdef = model_graphdef(config)
+    abstract_state = abstract_train_state(config, mesh)
+    state = create_train_state(config, abstract_state)
+    step_fn = make_train_step(config, graphdef, codec, mesh, abstract_state)
+    codec_state = frozen_codec_state(codec, mesh)
+    batch = synthetic_batch(config, latent_shape, latents=latents, mesh=mesh)
+    root = jax.random.key(config.train.seed)
+    rngs = jax.block_until_ready([jax.random.fold_in(root, i) for i in range(warmup + steps)])
+
+    start = time.perf_counter()
+    compiled = step_fn.lower(state, batch, rngs[0], codec_state).compile()
+    compile_s = time.perf_counter() - start
+    times = []
+    for i, rng in enumerate(rngs):
+        start = time.perf_counter()
+        state, metrics = compiled(state, batch, rng, codec_state)
+        jax.block_until_ready((state, metrics))
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+
+    step_time = statistics.median(times)
+    samples_per_s = config.train.batch_size / step_time
+    tokens = flops.num_tokens(model, latent_shape)
+    flops_per_sample = flops.train_flops(model, latent_shape, text_length)
+    device = jax.devices()[0]
+    return {
+        "benchmark": "train",
+        "config": config.name,
+        "variant": model.variant,
+        "device": device.device_kind,
+        "devices": jax.device_count(),
+        "mesh": dict(mesh.shape),
+        "batch_size": config.train.batch_size,
+        "num_frames": data.num_frames,
+        "size": data.size,
+        "input": "latents" if latents else f"video via {config.codec.kind} codec",
+        "latent_shape": list(latent_shape),
+        "tokens_per_sample": tokens,
+        "text_tokens": text_length,
+        "dtype": model.dtype,
+        "attention": resolve_implementation(model.attention, model.dtype, model.width // model.heads),
+        "remat": model.remat,
+        "params": parameter_count(state.params),
+        "flops_per_sample": flops_per_sample,
+        "compile_s": compile_s,
+        "step_time_s": step_time,
+        "step_time_min_s": min(times),
+        "step_time_max_s": max(times),
+        "samples_per_s": samples_per_s,
+        "tokens_per_s": tokens * samples_per_s,
+        "tflops_per_s": flops_per_sample * samples_per_s / 1e12,
+        "peak_tflops_per_device": flops.peak_tflops(device.device_kind),
+        "mfu": flops.model_flops_utilization(flops_per_sample, samples_per_s, jax.device_count(), device.device_kind),
+        "peak_memory_bytes": benchmarking.peak_memory_bytes(jax.local_devices()),
+        "loss": float(metrics["loss"]),
+        "steps": steps,
+        "warmup": warmup,
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+    }
+
+
+def main(argv=None) -> dict:
+    from jaxdit import benchmarking
+
+    args, overrides = parse_args(argv)
+    named = {
+        "train.batch_size": args.batch_size, "data.num_frames": args.num_frames, "data.size": args.size,
+        "model.dtype": args.dtype, "model.attention": args.attention, "model.remat": args.remat, "train.fsdp": args.fsdp,
+    }
+    config, flags = benchmarking.build_config(args.config, overrides, named)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Some donated buffers were not usable")  # CPU cannot donate
+        record = run(config, latents=args.latents, steps=args.steps, warmup=args.warmup)
+    return benchmarking.report(record, config_file=args.config, flags=flags, out=args.out)
+
+
+if __name__ == "__main__":
+    main()

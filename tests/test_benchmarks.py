@@ -1,0 +1,62 @@
+"""The speed benchmarks run end to end on CPU at a tiny size and report finite figures (no time is asserted)."""
+
+import importlib.util
+import json
+import math
+import pathlib
+
+import jax
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.py")
+TRAIN_KEYS = (
+    "config", "device", "devices", "batch_size", "tokens_per_sample", "flops_per_sample", "compile_s", "step_time_s",
+    "samples_per_s", "tokens_per_s", "tflops_per_s", "mfu", "peak_memory_bytes",
+)
+SAMPLE_KEYS = (
+    "config", "device", "devices", "sampler", "steps", "cfg_scale", "batch_size", "flops_per_video", "compile_s",
+    "seconds_per_video", "seconds_per_step", "videos_per_s", "tflops_per_s", "mfu", "peak_memory_bytes",
+)
+
+
+def benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def check_record(out: pathlib.Path, returned: dict, keys, printed: str, rate: str) -> dict:
+    (line,) = out.read_text().splitlines()
+    record = json.loads(line)
+    assert record == json.loads(json.dumps(returned))
+    assert set(keys) <= set(record)
+    assert record["device"] == jax.devices()[0].device_kind and record["devices"] == jax.device_count()
+    if record["device"] == "cpu":
+        assert record["mfu"] is None  # no known peak
+    for key in keys:
+        if isinstance(record[key], float):
+            assert math.isfinite(record[key]) and record[key] >= 0, key
+    assert record[rate] > 0 and f"{record[rate]:.4g}" in printed
+    return record
+
+
+def test_train_benchmark(tmp_path, capsys):
+    out = tmp_path / "results.jsonl"
+    returned = benchmark("train").main(["--config", TINY, "--steps", "1", "--warmup", "0", "--out", str(out)])
+    record = check_record(out, returned, TRAIN_KEYS, capsys.readouterr().out, "samples_per_s")
+    assert record["config"] == "tiny" and record["batch_size"] == 8
+    assert record["flops_per_sample"] > 0 and record["tokens_per_sample"] == 32  # 2x16x16 pixels in 1x4x4 patches
+    assert record["tflops_per_s"] == pytest.approx(record["flops_per_sample"] * record["samples_per_s"] / 1e12)
+    assert math.isfinite(record["loss"])
+
+
+def test_sample_benchmark(tmp_path, capsys):
+    out = tmp_path / "results.jsonl"
+    argv = ["--config", TINY, "--steps", "2", "--repeats", "1", "--cfg-scale", "2", "--out", str(out)]
+    returned = benchmark("sample").main(argv)
+    record = check_record(out, returned, SAMPLE_KEYS, capsys.readouterr().out, "videos_per_s")
+    assert record["guided"] and record["batch_size"] == jax.local_device_count()  # one video per device
+    assert record["video_shape"] == [2, 16, 16, 3] and record["flops_per_video"] > 0
+    assert record["seconds_per_video"] == pytest.approx(record["seconds_per_call"] / record["batch_size"])
