@@ -34,11 +34,15 @@ def codec_class(kind: str):
         from jaxdit.codec.autoencoder import VideoAutoencoder
 
         return VideoAutoencoder
+    if kind == "linear":
+        from jaxdit.codec.linear import LinearCodec
+
+        return LinearCodec
     if kind == "sd_vae":
         from jaxdit.codec.sd_vae import SDVAE
 
         return SDVAE
-    raise ValueError(f"unknown codec kind {kind!r}: one of identity, autoencoder, sd_vae.")
+    raise ValueError(f"unknown codec kind {kind!r}: one of identity, autoencoder, linear, sd_vae.")
 
 
 def make_codec(config: CodecConfig):
