@@ -37,7 +37,6 @@ import sys
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxdit.config import Config, ConfigError
 from jaxdit.data.pipeline import make_source
@@ -132,13 +131,15 @@ def _encoder(codec, batch_size: int):
     """uint8 videos (B, T, H, W, 3) -> latents (B, t, h, w, c), one jitted program; the batch is split over
     this process's devices when it divides evenly (the codec's state replicated on each)."""
     from jaxdit.codec import jitted
+    from jaxdit.sharding import batch_sharding, make_mesh
+    from jaxdit.train_step import frozen_codec_state
 
     devices = jax.local_devices()
     if len(devices) == 1 or batch_size % len(devices):
         return jitted(codec)
-    mesh = jax.sharding.Mesh(np.array(devices), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    nnx.update(codec, jax.device_put(nnx.state(codec), NamedSharding(mesh, PartitionSpec())))
-    encode, split = jitted(codec), NamedSharding(mesh, PartitionSpec("data"))
+    mesh = make_mesh(1, devices=devices)
+    nnx.update(codec, frozen_codec_state(codec, mesh))
+    encode, split = jitted(codec), batch_sharding(mesh)
     return lambda videos: encode(jax.device_put(videos, split))
 
 
