@@ -89,14 +89,23 @@ class VideoSampler:
     def latent_shape(self, num_frames: int, size: int) -> tuple[int, int, int, int]:
         """Frames and size of the videos -> one sample's latent shape (T, H, W, C), or a clear error."""
         patch, factors = self.config.model.patch, self.codec.factors
-        for name, value, axis in (("frames", num_frames, 0), ("size", size, 1), ("size", size, 2)):
+        checks = (("frames", num_frames, 0), ("size", size, 1), ("size", size, 2))
+
+        def misfit(name, value, axis):
             multiple = patch[axis] * factors[axis]
-            if value < 1 or value % multiple:
-                raise ValueError(
-                    f"this model cannot make videos of {value} {name}: {name} must be a positive multiple of "
-                    f"{multiple} (patch {patch} x codec compression {factors}); e.g. {max(multiple, value - value % multiple)}."
-                )
-        return tuple(self.codec.latent_shape((num_frames, size, size, 3)))
+            return ValueError(
+                f"this model cannot make videos of {value} {name}: {name} must be a positive multiple of "
+                f"{multiple} (patch {patch} x codec compression {factors}); e.g. {max(multiple, value - value % multiple)}."
+            )
+
+        for name, value, axis in checks:
+            if value < 1:
+                raise misfit(name, value, axis)
+        latents = self.codec.latent_shape((num_frames, size, size, 3))  # the codec's rule (causal: 1 + 2^k n frames)
+        for name, value, axis in checks:
+            if latents[axis] % patch[axis]:
+                raise misfit(name, value, axis)
+        return tuple(latents)
 
     def __call__(
         self, params, model_rngs, prompts: list[str], *, seed: int, sampler: str, steps: int, eta: float,

@@ -23,7 +23,7 @@ from jaxdit.config import AutoencoderConfig, CodecConfig, Config, ConfigError, D
 from jaxdit.config import TextConfig, apply_overrides, load_config
 from jaxdit.data.latent_cache import write_cache
 from jaxdit.data.shapes import ShapesDataset
-from jaxdit.pipeline import Pipeline
+from jaxdit.pipeline import Pipeline, VideoSampler
 from jaxdit.sharding import make_mesh
 from jaxdit.train_loop import check_config, train
 
@@ -241,3 +241,15 @@ def test_a_linear_codec_is_fitted_in_closed_form(tmp_path):
     assert "--codec.kind saved --codec.path" in result.stdout
     loaded = codecs.load(tmp_path / "pca")
     assert (loaded.kind, loaded.factors, loaded.channels) == ("linear", (1, 2, 2), 6)
+
+
+def test_sampling_takes_the_frame_counts_of_a_causal_codec(tmp_path):
+    """1 + 2n frames for a codec that halves time causally: 9 frames are 5 latent frames, 8 are refused."""
+    codec = random_codec(tmp_path / "codec", step=1, channels=(8, 8), temporal_downsample=1, latent_channels=4)
+    config = Config(model=ModelConfig(variant="tiny/1x2x2", in_channels=4, text_dim=32))
+    sampler = VideoSampler(config, None, codec, make_mesh(devices=jax.devices()[:1]), None)
+    assert sampler.latent_shape(9, 16) == (5, 8, 8, 4)
+    with pytest.raises(ValueError, match=r"8 frames do not fit .* use 1 \+ 2k frames"):
+        sampler.latent_shape(8, 16)
+    with pytest.raises(ValueError, match="cannot make videos of 18 size: size must be a positive multiple of 4"):
+        sampler.latent_shape(9, 18)  # 9x9 latents: the 2x2 patch does not fit
