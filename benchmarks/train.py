@@ -3,6 +3,7 @@
     python benchmarks/train.py                                                  # configs/shapes_tiny.py at its batch size
     python benchmarks/train.py --config configs/shapes.py --batch-size 64 --out results.jsonl
     python benchmarks/train.py --config configs/shapes.py --dtype bfloat16 --attention cudnn --remat dots
+    python benchmarks/train.py --config configs/shapes.py --scan-layers      # compare compile_s with and without
     python benchmarks/train.py --config configs/shapes.py --fsdp 8 --model.variant B/2x4x4 --num-frames 32
     python benchmarks/train.py --config configs/dit_image.py --latents --num-frames 1 --size 32 --batch-size 32
                                                           # DiT-XL/2 at 256x256: 32x32x4 latents, as from a latent cache
@@ -41,6 +42,7 @@ def parse_args(argv):
     parser.add_argument("--dtype", help="model.dtype: float32, bfloat16, float16")
     parser.add_argument("--attention", help="model.attention: auto, xla, cudnn")
     parser.add_argument("--remat", help="model.remat: none, full, dots")
+    parser.add_argument("--scan-layers", action="store_true", help="model.scan_layers: scan over stacked blocks")
     parser.add_argument("--fsdp", type=int, help="devices per parameter shard: the mesh is (devices / fsdp, fsdp)")
     parser.add_argument("--latents", action="store_true", help="feed (frames, size, size, in_channels) latents, no codec")
     parser.add_argument("--out", help="append the figures to this JSON-lines file")
@@ -147,6 +149,7 @@ def run(config, *, latents: bool, steps: int, warmup: int) -> dict:
         "dtype": model.dtype,
         "attention": resolve_implementation(model.attention, model.dtype, model.width // model.heads),
         "remat": model.remat,
+        "scan_layers": model.scan_layers,
         "params": parameter_count(state.params),
         "flops_per_sample": flops_per_sample,
         "compile_s": compile_s,
@@ -174,6 +177,7 @@ def main(argv=None) -> dict:
     named = {
         "train.batch_size": args.batch_size, "data.num_frames": args.num_frames, "data.size": args.size,
         "model.dtype": args.dtype, "model.attention": args.attention, "model.remat": args.remat, "train.fsdp": args.fsdp,
+        "model.scan_layers": True if args.scan_layers else None,  # not given: the config's own setting
     }
     config, flags = benchmarking.build_config(args.config, overrides, named)
     with warnings.catch_warnings():

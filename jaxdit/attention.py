@@ -1,33 +1,95 @@
 """One attention function, with the implementation chosen by config.
 
 Axes: B batch, N query tokens, L key/value tokens, K heads, Dh head width.
+
+Implementations: "xla" (XLA's fused attention, everywhere), "cudnn" (cuDNN flash attention,
+GPU) and "splash" (the Pallas splash-attention kernel that jax ships for TPU); "auto" takes
+the first of cudnn / splash that can run, else xla.
 """
 
+import math
+
+import einops
 import jax
 import jax.numpy as jnp
 
+from jaxdit.config import ATTENTION_IMPLEMENTATIONS
+
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)  # cuDNN flash attention runs in 16-bit only
 _CUDNN_MAX_HEAD_DIM = 128  # the largest head width every cuDNN flash kernel accepts
+_SPLASH_DTYPES = (jnp.float32, jnp.bfloat16)  # TPUs have no float16 matmul
+_SPLASH_LANES = 128  # splash tiles are multiples of the TPU's 128 lanes and must divide N and L
+_SPLASH_MAX_TILE = 512  # larger tiles spread the per-step cost over long video sequences
+# Tests only: run the kernel in Pallas's interpreter (plain XLA ops, any backend and device count).
+_SPLASH_INTERPRET = False
 
 
-def resolve_implementation(implementation: str, dtype, head_dim: int) -> str:
-    """"auto" -> "cudnn" where cuDNN flash attention can run (GPU, 16-bit, head <= 128), else "xla".
+def _one_device() -> bool:
+    """The kernel runs whole: XLA cannot split a Pallas TPU kernel across devices under jit, and
+    jax 0.10's splash kernel fails inside a shard_map that checks varying axes (the default)."""
+    return jax.device_count() == 1 and not jax.sharding.get_abstract_mesh().manual_axes
 
-    An explicit "cudnn" where it cannot run is an error, never a silent fallback.
+
+def resolve_implementation(
+    implementation: str, dtype, head_dim: int, seq_lens: tuple[int, int] | None = None
+) -> str:
+    """The implementation that runs: "auto" -> "cudnn" or "splash" where one can run, else "xla".
+
+    cudnn: a GPU, bfloat16/float16 compute, heads of at most 128 channels.
+    splash: a TPU, float32/bfloat16 compute, query and key lengths `seq_lens` (N, L) that are
+    multiples of 128 (not checked when None), and a single device: the model's data-parallel jit
+    over several devices gets "xla" (running the kernel there would need a shard_map per device).
+    An explicit choice where it cannot run is an error, never a silent fallback.
     """
-    if implementation not in ("auto", "xla", "cudnn"):
-        raise ValueError(f"unknown attention implementation {implementation!r}: use auto, xla or cudnn.")
-    on_gpu = jax.default_backend() == "gpu"
-    cudnn_ok = on_gpu and jnp.dtype(dtype) in _CUDNN_DTYPES and head_dim <= _CUDNN_MAX_HEAD_DIM
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"unknown attention implementation {implementation!r}: use {', '.join(ATTENTION_IMPLEMENTATIONS)}."
+        )
+    backend, dtype = jax.default_backend(), jnp.dtype(dtype)
+    cudnn_ok = backend == "gpu" and dtype in _CUDNN_DTYPES and head_dim <= _CUDNN_MAX_HEAD_DIM
+    lengths_ok = seq_lens is None or all(n % _SPLASH_LANES == 0 for n in seq_lens)
+    splash_ok = dtype in _SPLASH_DTYPES and lengths_ok and (_SPLASH_INTERPRET or (backend == "tpu" and _one_device()))
     if implementation == "auto":
-        return "cudnn" if cudnn_ok else "xla"
+        return "cudnn" if cudnn_ok else "splash" if splash_ok else "xla"
     if implementation == "cudnn" and not cudnn_ok:
         raise ValueError(
             f"model.attention='cudnn' needs a GPU, bfloat16/float16 compute and heads of at most "
-            f"{_CUDNN_MAX_HEAD_DIM} channels; here backend={jax.default_backend()}, "
-            f"dtype={jnp.dtype(dtype).name}, head width={head_dim}. Use 'auto' or 'xla'."
+            f"{_CUDNN_MAX_HEAD_DIM} channels; here backend={backend}, dtype={dtype.name}, "
+            f"head width={head_dim}. Use 'auto' or 'xla'."
+        )
+    if implementation == "splash" and not splash_ok:
+        raise ValueError(
+            f"model.attention='splash' needs a TPU, float32/bfloat16 compute, query and key lengths "
+            f"that are multiples of {_SPLASH_LANES} and a single device (XLA cannot partition a Pallas "
+            f"kernel); here backend={backend}, dtype={dtype.name}, lengths (N, L)={seq_lens}, "
+            f"{jax.device_count()} devices. Use 'auto' or 'xla'."
         )
     return implementation
+
+
+def _splash(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """The Pallas TPU splash-attention kernel over (B, N, K, Dh) inputs; the softmax as `attention`'s."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash  # Pallas: imported only here
+
+    (batch, n, heads, head_dim), length = q.shape, k.shape[1]
+    # The largest tile up to _SPLASH_MAX_TILE that divides the length (lengths are multiples of 128).
+    tq, tkv = math.gcd(n, _SPLASH_MAX_TILE), math.gcd(length, _SPLASH_MAX_TILE)
+    tiles = splash.BlockSizes(  # forward, then the backward's dk/dv and dq kernels
+        block_q=tq, block_kv=tkv, block_q_dkv=tq, block_kv_dkv=tkv, block_q_dq=tq, block_kv_dq=tkv
+    )
+    kernel = splash.make_splash_mha(  # one example, every head; the batch is vmapped below
+        splash.MultiHeadMask([splash.FullMask((n, length))] * heads),
+        block_sizes=tiles, head_shards=1, q_seq_shards=1, interpret=_SPLASH_INTERPRET,
+    )
+    # The kernel does not scale the logits: fold 1/sqrt(Dh) into q.
+    q = einops.rearrange(q * head_dim**-0.5, "b n k h -> b k n h")  # (B, K, N, Dh)
+    k, v = (einops.rearrange(x, "b l k h -> b k l h") for x in (k, v))  # 2x(B, K, L, Dh)
+    # Key padding as segment ids: every query has id 1, valid keys 1, padding 0; ids must match.
+    segments = None
+    if mask is not None:
+        segments = splash.SegmentIds(q=jnp.ones((batch, n), jnp.int32), kv=mask.astype(jnp.int32))  # (B, N), (B, L)
+    out = jax.vmap(kernel)(q, k, v, segments)  # (B, K, N, Dh)
+    return einops.rearrange(out, "b k n h -> b n k h")  # (B, N, K, Dh)
 
 
 def attention(
@@ -38,10 +100,15 @@ def attention(
     q (B, N, K, Dh), k and v (B, L, K, Dh), mask (B, L) bool: True where a key may be attended to.
     Returns (B, N, K, Dh). A query row whose keys are all masked returns zeros.
     """
-    impl = resolve_implementation(implementation, q.dtype, q.shape[-1])
+    impl = resolve_implementation(implementation, q.dtype, q.shape[-1], (q.shape[1], k.shape[1]))
+    if impl == "splash":
+        out = _splash(q, k, v, mask)  # (B, N, K, Dh)
+    else:
+        full_mask = None if mask is None else jnp.broadcast_to(
+            mask[:, None, None, :], (q.shape[0], 1, q.shape[1], k.shape[1])
+        )  # (B, 1, N, L)
+        out = jax.nn.dot_product_attention(q, k, v, mask=full_mask, implementation=impl)  # (B, N, K, Dh)
     if mask is None:
-        return jax.nn.dot_product_attention(q, k, v, implementation=impl)  # (B, N, K, Dh)
-    full_mask = jnp.broadcast_to(mask[:, None, None, :], (q.shape[0], 1, q.shape[1], k.shape[1]))  # (B, 1, N, L)
-    out = jax.nn.dot_product_attention(q, k, v, mask=full_mask, implementation=impl)  # (B, N, K, Dh)
+        return out
     # With every key masked the softmax would spread evenly over the padding: return nothing instead.
     return out * mask.any(axis=1)[:, None, None, None].astype(out.dtype)  # (B, N, K, Dh)

@@ -25,8 +25,10 @@ VARIANTS = {
 DTYPES = ("float32", "bfloat16", "float16")
 # the built-in moving shapes, videos listed in a manifest, or latents encoded once (jaxdit.data.latent_cache)
 DATA_SOURCES = ("shapes", "folder", "cache")
-# "auto": cuDNN flash attention on GPU with 16-bit compute, XLA everywhere else.
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+# "auto": cuDNN flash attention on GPU with 16-bit compute; "splash", jax's Pallas splash-attention
+# kernel, on a single-device TPU when the sequence lengths are multiples of 128; XLA everywhere
+# else. The rules are jaxdit.attention.resolve_implementation's.
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 # What a block keeps for the backward pass: everything, nothing (recompute the block),
 # or only the matmul outputs.
 REMAT_POLICIES = ("none", "full", "dots")
@@ -90,6 +92,10 @@ class ModelConfig:
     dtype: str = "float32"  # computation dtype; parameters are always float32
     attention: str = "auto"  # one of ATTENTION_IMPLEMENTATIONS
     remat: str = "none"  # one of REMAT_POLICIES, applied per block
+    # Blocks held as one stack of parameters with a leading depth axis and applied by a scan:
+    # XLA compiles one block instead of `depth`. Parameters are stored under another name
+    # (`stacked_blocks`); `jaxdit.model.stack_blocks` converts an unrolled model's state.
+    scan_layers: bool = False
 
     def __post_init__(self):
         (width, _, heads), _ = parse_variant(self.variant)

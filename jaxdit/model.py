@@ -27,7 +27,8 @@ class VideoDiT(nnx.Module):
 
     patchify -> linear patch embedding (a Conv3d with stride = kernel = patch) + fixed 3-D
     positions -> blocks (adaLN-Zero on c = t_embed + label_embed + pooled_text) -> final layer
-    -> unpatchify. Parameters are float32; computation runs in `config.dtype`.
+    -> unpatchify. Parameters are float32; computation runs in `config.dtype`. With
+    `config.scan_layers` the blocks are one stacked DiTBlock applied by a scan over layers.
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
@@ -43,13 +44,20 @@ class VideoDiT(nnx.Module):
         )
         self.text_embed = PooledTextEmbedder(config.text_dim, width, dtype=dtype, rngs=rngs) if config.has_text else None
         cross_dim = config.text_dim if config.cross_attention else 0
-        self.blocks = nnx.List(
-            DiTBlock(
+
+        def make_block(rngs: nnx.Rngs) -> DiTBlock:
+            return DiTBlock(
                 width, config.heads, config.mlp_ratio, text_dim=cross_dim, attention=config.attention, dtype=dtype,
                 rngs=rngs,
             )
-            for _ in range(config.depth)
-        )
+
+        if config.scan_layers:
+            # One DiTBlock whose parameters have a leading depth axis: the constructor vmapped over
+            # `depth` split keys, so every layer draws its own initialisation. The name is
+            # jaxdit.sharding.STACKED_BLOCKS: FSDP never splits that leading axis.
+            self.stacked_blocks = nnx.split_rngs(splits=config.depth)(nnx.vmap(make_block))(rngs)
+        else:
+            self.blocks = nnx.List(make_block(rngs) for _ in range(config.depth))
         self.final = FinalLayer(width, patch_dim * config.out_channels, dtype=dtype, rngs=rngs)
 
     def __call__(
@@ -82,11 +90,19 @@ class VideoDiT(nnx.Module):
             c = c + self.text_embed(text, text_mask)  # (B, D)
 
         cross_text = (text, text_mask) if cfg.has_text and cfg.cross_attention else (None, None)
-        for block in self.blocks:
-            tokens = self._run_block(block, tokens, c, *cross_text)  # (B, N, D)
+        if cfg.scan_layers:
+            tokens = self._scan_blocks(tokens, c, *cross_text)  # (B, N, D)
+        else:
+            for block in self.blocks:
+                tokens = self._run_block(block, tokens, c, *cross_text)  # (B, N, D)
 
         out = self.final(tokens, c)  # (B, N, P_out)
         return unpatchify(out.astype(jnp.float32), cfg.patch, grid)  # (B, T, H, W, C_out)
+
+    def _scan_blocks(self, tokens, c, text, text_mask):
+        """The stacked blocks in order, one layer's parameters per scan step; remat applies per block."""
+        step = lambda tokens, block: self._run_block(block, tokens, c, text, text_mask)  # (B, N, D)
+        return nnx.scan(step, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(tokens, self.stacked_blocks)
 
     def _run_block(self, block, tokens, c, text, text_mask):
         if self.config.remat == "none":
@@ -125,3 +141,18 @@ class VideoDiT(nnx.Module):
         if text_mask.shape != text.shape[:2]:
             raise ValueError(f"text_mask must have shape {tuple(text.shape[:2])}, got {tuple(text_mask.shape)}.")
         return text_mask.astype(bool)
+
+
+def stack_blocks(state: nnx.State) -> nnx.State:
+    """A VideoDiT state in the unrolled layout -> the same arrays in the `scan_layers` layout.
+
+    `blocks/<i>/<path>` (one entry per layer) become `stacked_blocks/<path>` with the layer as a
+    new leading axis; everything else is kept. Takes a whole state or its parameters (or an EMA
+    of them); for a Denoiser's, convert `state["dit"]`. E.g.
+    `nnx.update(scanned_model, stack_blocks(nnx.state(unrolled_model)))`.
+    """
+    blocks = state["blocks"]
+    layers = [blocks[i] for i in range(len(blocks))]
+    converted = nnx.State({name: value for name, value in state.raw_mapping.items() if name != "blocks"})
+    converted["stacked_blocks"] = jax.tree.map(lambda *arrays: jnp.stack(arrays), *layers)  # each (depth, ...)
+    return converted

@@ -25,6 +25,9 @@ RULES = {
 # Parameters smaller than this stay whole on every device: gathering them costs more time
 # than splitting saves memory.
 MIN_SHARDED_SIZE = 2**12
+# Where a VideoDiT with `model.scan_layers` keeps its blocks: every array under this name (the
+# parameters, their EMA and optimizer moments) has a leading layer axis, which the scan walks.
+STACKED_BLOCKS = "stacked_blocks"
 
 
 def make_mesh(fsdp: int = 1, devices=None) -> jax.sharding.Mesh:
@@ -42,8 +45,14 @@ def spec(*logical_axes: str | None) -> PartitionSpec:
     return PartitionSpec(*(RULES[name] if name else None for name in logical_axes))
 
 
-def param_axes(shape: tuple[int, ...], fsdp: int) -> tuple[str | None, ...]:
-    """The logical axes of a parameter: its largest dimension that `fsdp` divides is split."""
+def param_axes(shape: tuple[int, ...], fsdp: int, *, stacked: bool = False) -> tuple[str | None, ...]:
+    """The logical axes of a parameter: its largest dimension that `fsdp` divides is split.
+
+    stacked: the leading axis indexes layers. It is never split, as each scan step takes one
+    layer and every device needs its share of that layer; the rest splits as one layer would.
+    """
+    if stacked:
+        return (None, *param_axes(shape[1:], fsdp))
     axes = [None] * len(shape)
     if fsdp > 1 and np.prod(shape, dtype=np.int64) >= MIN_SHARDED_SIZE:
         divisible = [i for i, n in enumerate(shape) if n % fsdp == 0]
@@ -52,14 +61,23 @@ def param_axes(shape: tuple[int, ...], fsdp: int) -> tuple[str | None, ...]:
     return tuple(axes)
 
 
+def is_stacked(path) -> bool:
+    """Whether the array at this pytree path is a stacked-blocks one (a leading layer axis)."""
+    return STACKED_BLOCKS in jax.tree_util.keystr(path, simple=True, separator="/").split("/")
+
+
 def state_sharding(tree, mesh: jax.sharding.Mesh):
     """Shardings for a tree of (abstract) arrays: parameters, their EMA, optimizer state.
 
     Scalars and small arrays are replicated; optimizer moments shard like their parameters
-    because the rule only looks at the shape.
+    because the rule only looks at the shape and at whether the path holds `STACKED_BLOCKS`.
     """
     fsdp = mesh.shape["fsdp"]
-    return jax.tree.map(lambda x: NamedSharding(mesh, spec(*param_axes(x.shape, fsdp))), tree)
+
+    def sharding(path, x):
+        return NamedSharding(mesh, spec(*param_axes(x.shape, fsdp, stacked=is_stacked(path))))
+
+    return jax.tree_util.tree_map_with_path(sharding, tree)
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:

@@ -23,7 +23,7 @@ from flax import nnx, struct
 from jaxdit import diffusion
 from jaxdit.config import Config, TrainConfig
 from jaxdit.denoiser import Denoiser
-from jaxdit.sharding import batch_sharding, state_sharding
+from jaxdit.sharding import batch_sharding, is_stacked, state_sharding
 
 # optax.apply_if_finite gives up and applies a non-finite update after this many in a row; the
 # training loop stops long before (train.max_bad_steps), so a bad update is never applied.
@@ -54,7 +54,12 @@ def learning_rate_schedule(train: TrainConfig) -> optax.Schedule:
 
 def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
     """AdamW with clipping, wrapped so that a step with non-finite gradients changes nothing."""
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # weight matrices only
+    def decay_mask(params):  # weight matrices only; stacked blocks (scan_layers) have a leading layer axis
+        def is_matrix(path, p):
+            return p.ndim >= 2 + is_stacked(path)
+
+        return jax.tree_util.tree_map_with_path(is_matrix, params)
+
     adamw = optax.adamw(
         learning_rate_schedule(train), b1=train.adam_b1, b2=train.adam_b2,
         weight_decay=train.weight_decay, mask=decay_mask,

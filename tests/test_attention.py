@@ -3,6 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxdit import attention as attention_module
 from jaxdit.attention import attention, resolve_implementation
 
 
@@ -42,6 +43,61 @@ def test_auto_falls_back_to_xla_and_cudnn_off_gpu_is_an_error():
         resolve_implementation("flash", jnp.bfloat16, 64)
 
 
+@pytest.mark.skipif(jax.default_backend() == "tpu", reason="checks the fallback off TPU")
+def test_auto_is_xla_and_splash_is_an_error_off_tpu():
+    assert resolve_implementation("auto", jnp.float32, 64, (256, 128)) == "xla"
+    with pytest.raises(ValueError, match="model.attention='splash' needs a TPU.*backend=cpu.*Use 'auto' or 'xla'"):
+        resolve_implementation("splash", jnp.float32, 64, (256, 128))
+
+
+def test_splash_rules_on_a_tpu_backend(monkeypatch):
+    """Only the platform is pretended (a TPU, then one device): the rules decide as on a TPU."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    monkeypatch.setattr(jax, "device_count", lambda: 8)
+    assert resolve_implementation("auto", jnp.bfloat16, 64, (256, 128)) == "xla"  # jit cannot split the kernel
+    with pytest.raises(ValueError, match="a single device.*8 devices"):
+        resolve_implementation("splash", jnp.bfloat16, 64, (256, 128))
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
+    assert resolve_implementation("auto", jnp.bfloat16, 72, (256, 128)) == "splash"
+    assert resolve_implementation("auto", jnp.float32, 64, (1024, 128)) == "splash"
+    assert resolve_implementation("auto", jnp.bfloat16, 64, (256, 77)) == "xla"  # 77 text tokens
+    assert resolve_implementation("auto", jnp.float16, 64, (256, 128)) == "xla"
+    with pytest.raises(ValueError, match=r"multiples of 128.*\(256, 77\)"):
+        resolve_implementation("splash", jnp.bfloat16, 64, (256, 77))
+
+
+@pytest.fixture
+def interpreted_splash(monkeypatch):
+    """Run the real splash kernel in Pallas's interpreter, on CPU."""
+    monkeypatch.setattr(attention_module, "_SPLASH_INTERPRET", True)
+
+
+def test_splash_kernel_matches_xla_self_attention(interpreted_splash):
+    q, k, v = (jax.random.normal(key, (2, 128, 2, 72)) for key in jax.random.split(jax.random.key(1), 3))  # Dh as XL's
+
+    def loss(q, k, v, impl):
+        out = attention(q, k, v, implementation=impl)  # (B, N, K, Dh)
+        return (out**2).sum(), out
+
+    # The gradients go through the kernel's own backward pass.
+    grads_and_out = jax.jit(jax.grad(loss, (0, 1, 2), has_aux=True), static_argnums=3)
+    (splash_grads, splash), (xla_grads, xla) = (grads_and_out(q, k, v, impl) for impl in ("splash", "xla"))
+    np.testing.assert_allclose(splash, xla, atol=1e-5)
+    for got, want in zip(splash_grads, xla_grads):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_splash_kernel_matches_xla_masked_cross_attention(interpreted_splash):
+    kq, kk, kv = jax.random.split(jax.random.key(2), 3)
+    q = jax.random.normal(kq, (3, 256, 2, 16))  # (B, N, K, Dh): video tokens
+    k, v = jax.random.normal(kk, (3, 128, 2, 16)), jax.random.normal(kv, (3, 128, 2, 16))  # (B, L, K, Dh): text
+    mask = jnp.arange(128)[None] < jnp.array([[128], [5], [0]])  # (B, L): all valid, 5 tokens, no text
+    run = jax.jit(lambda q, k, v, m, impl: attention(q, k, v, mask=m, implementation=impl), static_argnums=4)
+    splash = run(q, k, v, mask, "splash")
+    np.testing.assert_allclose(splash, run(q, k, v, mask, "xla"), atol=1e-5)
+    np.testing.assert_array_equal(splash[2], 0.0)
+
+
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention runs on GPU only")
 def test_cudnn_matches_xla_in_bfloat16():
     kq, kk, kv = jax.random.split(jax.random.key(0), 3)
@@ -52,3 +108,18 @@ def test_cudnn_matches_xla_in_bfloat16():
         cudnn = attention(q, k, v, mask=m, implementation="cudnn").astype(jnp.float32)
         xla = attention(q, k, v, mask=m, implementation="xla").astype(jnp.float32)
         np.testing.assert_allclose(cudnn, xla, atol=2e-2)
+
+
+@pytest.mark.skipif(
+    jax.default_backend() != "tpu" or jax.device_count() != 1, reason="the splash kernel runs on a single TPU device"
+)
+def test_splash_matches_xla_in_bfloat16_on_tpu():
+    kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(kq, (2, 1024, 4, 64), jnp.bfloat16)  # (B, N, K, Dh)
+    k, v = (jax.random.normal(key, (2, 128, 4, 64), jnp.bfloat16) for key in (kk, kv))  # (B, L, K, Dh)
+    mask = jnp.arange(128)[None] < jnp.array([[128], [40]])
+    assert resolve_implementation("auto", jnp.bfloat16, 64, (1024, 128)) == "splash"
+    for m in (None, mask):
+        splash = attention(q, k, v, mask=m, implementation="splash").astype(jnp.float32)
+        xla = attention(q, k, v, mask=m, implementation="xla").astype(jnp.float32)
+        np.testing.assert_allclose(splash, xla, atol=2e-2)
