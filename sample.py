@@ -7,7 +7,10 @@ The extension of --out picks the format: .mp4 and .gif (every sample playing at 
 per prompt), .png (a row of frames per sample, its prompt above), .npy (the uint8 array
 (prompts * samples, T, H, W, 3), prompts in order, the samples of a prompt adjacent).
 Unset options come from the run's `sample` config. The same seed gives the same pixels on
-any number of devices. A class-conditional model (no text) takes class indices as prompts.
+any number of devices. A class-conditional model (no text) takes class indices, as
+--class-label 207 360 (or as prompts); an imported DiT (python -m jaxdit.convert.dit) so:
+
+    python sample.py --workdir runs/dit_xl2_256 --class-label 207 360 387 974 88 979 417 279 --out grid.png
 """
 
 import argparse
@@ -17,7 +20,7 @@ import sys
 
 
 def read_prompts(args, parser) -> list[str]:
-    prompts = list(args.prompt)
+    prompts = list(args.prompt) + [str(label) for label in args.class_label]
     if args.prompts_file:
         path = pathlib.Path(args.prompts_file)
         try:
@@ -26,7 +29,7 @@ def read_prompts(args, parser) -> list[str]:
             parser.error(f"cannot read --prompts-file {str(path)!r}: {error}")
         prompts += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
-        parser.error("give at least one --prompt, or a --prompts-file with one prompt per line.")
+        parser.error("give at least one --prompt (or --class-label), or a --prompts-file with one prompt per line.")
     return prompts
 
 
@@ -35,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", required=True, help="the run's folder (train.py's --workdir)")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
     parser.add_argument("--prompts-file", help="a text file with one prompt per line (# comments skipped)")
+    parser.add_argument("--class-label", type=int, nargs="+", default=[], metavar="K",
+                        help="class indices, for a class-conditional model (e.g. DiT's ImageNet: 207 360 387)")
     parser.add_argument("--out", required=True, help="output path: .mp4, .gif, .png or .npy")
     parser.add_argument("--num-samples", type=int, default=1, help="videos per prompt (default: 1)")
     parser.add_argument("--steps", type=int, help="denoising steps (default: the run's sample.steps)")
@@ -65,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         pipe = Pipeline.load(args.workdir, step=args.step)
+        model = pipe.config.model
+        if args.class_label and (not model.num_classes or model.has_text):
+            parser.error(f"--class-label needs a class-conditional model without text; {args.workdir} "
+                         f"has num_classes={model.num_classes}, text_dim={model.text_dim}: give --prompt instead.")
         videos = pipe.generate(
             prompts, num_samples=args.num_samples, steps=args.steps, sampler=args.sampler,
             cfg_scale=args.cfg_scale, eta=args.eta, seed=args.seed, num_frames=args.num_frames,
@@ -73,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))
     fps = args.fps or pipe.config.sample.fps
-    repeated = [p for p in prompts for _ in range(args.num_samples)]
+    shown = [f"class {p}" for p in prompts] if args.class_label else prompts
+    repeated = [p for p in shown for _ in range(args.num_samples)]
     write_videos(out, videos, repeated, fps=fps, num_samples=args.num_samples)
     print(f"wrote {len(videos)} videos {tuple(videos.shape[1:4])} to {out} (step {pipe.step} of {args.workdir})")
     return 0

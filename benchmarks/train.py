@@ -5,7 +5,7 @@
     python benchmarks/train.py --config configs/shapes.py --dtype bfloat16 --attention cudnn --remat dots
     python benchmarks/train.py --config configs/shapes.py --scan-layers      # compare compile_s with and without
     python benchmarks/train.py --config configs/shapes.py --fsdp 8 --model.variant B/2x4x4 --num-frames 32
-    python benchmarks/train.py --config configs/dit_image.py --latents --num-frames 1 --size 32 --batch-size 32
+    python benchmarks/train.py --config configs/dit_xl2_256.py --latents --num-frames 1 --size 32 --batch-size 32
                                                           # DiT-XL/2 at 256x256: 32x32x4 latents, as from a latent cache
 
 The step is `jaxdit.train_step.make_train_step`, the one train.py runs (frozen codec encode,

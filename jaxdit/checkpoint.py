@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 log = logging.getLogger(__name__)
 
 STATE, DATA, CONFIG = "state", "data", "config"  # the items of one checkpoint
+IMPORT_RECORD = "imported.json"  # in a run directory of imported weights (jaxdit.convert): their source
 
 
 def _item_handlers() -> dict:

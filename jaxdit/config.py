@@ -302,6 +302,9 @@ class SampleConfig:
     steps: int = 50  # visited diffusion steps, evenly spaced over the training steps
     eta: float = 0.0  # DDIM's noise scale: 0 deterministic, 1 as much noise as DDPM
     cfg_scale: float = 4.0  # classifier-free guidance g; 1 turns guidance off (one pass per step)
+    # Latent channels that guidance moves; 0: all. DiT's sample.py guides the first 3 of its 4 (for
+    # exact reproducibility of its paper's numbers), which configs/dit_xl2_*.py copy.
+    guidance_channels: int = 0
     fps: float = 8.0  # frames per second of written .mp4 / .gif files
     prompts: tuple[str, ...] = ()  # train.py writes videos of these; on the command line: "a ...;a ..."
     num_samples: int = 1  # samples of each prompt in train.py's videos
@@ -310,7 +313,7 @@ class SampleConfig:
     def __post_init__(self):
         object.__setattr__(self, "prompts", tuple(self.prompts))  # a list after a JSON round trip
         _check_choice("sample.sampler", self.sampler, SAMPLERS)
-        _check_minimums("sample", self, steps=1, num_samples=1, every=0)
+        _check_minimums("sample", self, steps=1, num_samples=1, every=0, guidance_channels=0)
         if self.eta < 0 or self.cfg_scale < 0 or self.fps <= 0:
             raise ValueError("sample.eta and sample.cfg_scale must be >= 0 and sample.fps positive.")
 

@@ -7,6 +7,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 _MAX_PERIOD = 10_000  # the slowest timestep frequency has a period of 10000 steps
@@ -18,7 +19,10 @@ xavier = nnx.initializers.xavier_uniform()
 def timestep_features(t: jax.Array, dim: int) -> jax.Array:
     """(B,) timesteps (may be fractional) -> (B, dim) features [cos(t * f_i), sin(t * f_i)]."""
     half = dim // 2
-    freqs = jnp.exp(-math.log(_MAX_PERIOD) * jnp.arange(half, dtype=jnp.float32) / half)  # (dim/2,)
+    # DiT's float32 frequencies, rounded once from float64 rather than left to a float32 exp, whose last
+    # bit differs between libraries (XLA, torch on CPU or CUDA): at t = 999 one bit moves the output by ~1e-5.
+    exponents = (-math.log(_MAX_PERIOD) * np.arange(half, dtype=np.float32) / half).astype(np.float32)  # as DiT's
+    freqs = jnp.asarray(np.exp(exponents.astype(np.float64)).astype(np.float32))  # (dim/2,)
     angles = t.astype(jnp.float32)[:, None] * freqs[None]  # (B, dim/2)
     features = jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)  # (B, 2*(dim/2))
     return jnp.pad(features, ((0, 0), (0, dim % 2)))  # (B, dim)

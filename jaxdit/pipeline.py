@@ -144,6 +144,12 @@ class VideoSampler:
     def _compile(self, sampler, steps, eta, guided, shape, progress):
         config, graphdef = self.config, self.graphdef
         channels = shape[-1]
+        guided_channels = config.sample.guidance_channels or channels
+        if guided_channels > channels:
+            raise ValueError(
+                f"sample.guidance_channels={guided_channels} exceeds the model's {channels} latent channels; "
+                "use 0 (all) or fewer."
+            )
 
         def generate(params, model_rngs, codec_state, cond, null, index, seed, cfg_scale):
             model = nnx.merge(graphdef, params, model_rngs)
@@ -156,7 +162,7 @@ class VideoSampler:
                 kwargs |= {"text": text, "text_mask": cond["text_mask"]}
             denoise = lambda x, t: model.dit(x, t, **kwargs)
             if guided:
-                denoise = sampling.guide(denoise, cfg_scale, channels)
+                denoise = sampling.guide(denoise, cfg_scale, guided_channels)
             keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(index)  # (B,)
             x0 = sampling.sample(
                 denoise, keys, shape, schedule_kind=config.diffusion.schedule,

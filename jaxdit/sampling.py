@@ -34,12 +34,18 @@ def check_sampler(sampler: str, steps: int, num_train_steps: int) -> None:
 
 
 def timestep_subset(num_train_steps: int, steps: int) -> np.ndarray:
-    """`steps` training steps, evenly spaced from 0 to num_train_steps - 1, increasing (S,) int32."""
+    """`steps` training steps, evenly spaced from 0 to num_train_steps - 1, increasing (S,) int32.
+
+    The spacing is DiT's (and guided-diffusion's) `space_timesteps`: a float stride added up
+    step by step, then rounded half to even, so that imported DiT models visit the same steps
+    for every step count. One step visits the last training step (DiT's would visit step 0).
+    """
     if not 1 <= steps <= num_train_steps:
         raise ValueError(f"sampling steps must be between 1 and the {num_train_steps} training steps; got {steps}.")
     if steps == 1:
         return np.array([num_train_steps - 1], np.int32)
-    return np.round(np.linspace(0, num_train_steps - 1, steps)).astype(np.int32)
+    stride = (num_train_steps - 1) / (steps - 1)
+    return np.round(np.cumsum(np.r_[0.0, np.full(steps - 1, stride)])).astype(np.int32)  # (S,)
 
 
 def guide(denoise_pair: Denoise, cfg_scale: jax.Array, channels: int) -> Denoise:
@@ -95,10 +101,13 @@ def sample(
     learn_sigma: bool = False,
     clip_x0: bool = False,
     progress: Callable[[int], None] | None = None,
+    x_T: jax.Array | None = None,
 ) -> jax.Array:
     """keys (B,) typed keys, shape (T, H, W, C) of one sample -> x0 (B, T, H, W, C) float32.
 
     `progress(i)` is called from the device after each step (jax.debug.callback), i = 1..steps.
+    `x_T` (B, T, H, W, C), when given, is the starting noise instead of the keys' draw (e.g. to
+    reproduce another implementation's sample from its noise).
     """
     check_sampler(sampler, steps, num_train_steps)
     timesteps = timestep_subset(num_train_steps, steps)  # (S,) increasing
@@ -127,6 +136,9 @@ def sample(
             jax.debug.callback(progress, steps - i)
         return x, None
 
-    x_T = _normal(keys, 0, shape)  # (B, T, H, W, C)
+    if x_T is None:
+        x_T = _normal(keys, 0, shape)  # (B, T, H, W, C)
+    elif x_T.shape != (batch, *shape):
+        raise ValueError(f"x_T must have shape {(batch, *shape)} (keys x sample shape); got {tuple(x_T.shape)}.")
     x0, _ = jax.lax.scan(step, x_T, jnp.arange(steps - 1, -1, -1))
     return x0

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxdit.checkpoint import Checkpointer
+from jaxdit.checkpoint import IMPORT_RECORD, Checkpointer
 from jaxdit import codec as codecs
 from jaxdit.codec import make_codec
 from jaxdit.config import Config, ConfigError
@@ -92,6 +92,11 @@ def parameter_count(params) -> int:
 def train(config: Config, workdir: str | pathlib.Path) -> dict:
     """Trains `config` into `workdir` up to `config.train.steps`; returns the last metrics."""
     workdir = pathlib.Path(workdir)
+    if (workdir / IMPORT_RECORD).is_file():
+        raise ValueError(
+            f"{str(workdir)!r} holds imported weights ({IMPORT_RECORD}) without optimizer state or data position: "
+            "sample from it with sample.py, and train into another --workdir."
+        )
     if config.codec.kind == "saved":  # recorded as an absolute path, so the run loads it from anywhere
         config = dataclasses.replace(config, codec=dataclasses.replace(config.codec, path=os.path.abspath(config.codec.path)))
     cfg = config.train

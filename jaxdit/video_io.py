@@ -1,7 +1,8 @@
 """Write generated videos to disk; the extension of the output path picks the format.
 
     .npy  the uint8 array (B, T, H, W, 3) as given, for np.load
-    .png  one image: a row per video with its frames across, its prompt above
+    .png  one image: a row per video with its frames across, its prompt above; single-frame videos
+          (images) in a grid instead, a row per prompt's samples or IMAGE_COLUMNS images across
     .mp4  one H.264 video in which all videos play at once: a row per prompt, its samples side by side
     .gif  the same as an animated GIF (PIL merges identical consecutive frames, keeping their time)
 
@@ -21,6 +22,7 @@ FORMATS = (".mp4", ".gif", ".png", ".npy")
 CELL = 96  # each frame is shown at least this many pixels wide (nearest-neighbour upscaling)
 TEXT_HEIGHT = 28  # room for two lines of prompt in PIL's default font
 GAP = 2  # white pixels between frames and between videos
+IMAGE_COLUMNS = 4  # images across a .png grid of one sample per prompt (DiT's sample.png has 4)
 WHITE = 255
 MP4_QUALITY = 8  # imageio's 1-10 scale; 8 is x264 crf 10 (visually lossless), 10 would be lossless 4:4:4
 
@@ -43,6 +45,8 @@ def write_videos(path, videos: np.ndarray, prompts: Sequence[str], *, fps: float
     if suffix == ".npy":
         with open(path, "wb") as file:  # np.save(str) would append ".npy" to ".NPY"
             np.save(file, videos)
+    elif suffix == ".png" and videos.shape[1] == 1:  # images: a grid, a row per prompt or IMAGE_COLUMNS across
+        _save_png(path, image_grid(videos, prompts, num_samples if num_samples > 1 else IMAGE_COLUMNS))
     elif suffix == ".png":
         _save_png(path, grid_image(videos, prompts))
     elif suffix == ".mp4":
@@ -104,6 +108,13 @@ def grid_image(videos: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
         frames = _join(list(video), axis=-2)  # (h, T * (w + GAP) - GAP, 3)
         rows += [label(frames.shape[1], prompt), frames]
     return np.concatenate(rows, axis=0)
+
+
+def image_grid(videos: np.ndarray, prompts: Sequence[str], columns: int) -> np.ndarray:
+    """(B, 1, H, W, 3) -> one image of `columns` labelled images per row, the last row padded white."""
+    pad = -len(videos) % columns if len(videos) > columns else 0
+    blank = np.full((pad, *videos.shape[1:]), WHITE, np.uint8)
+    return tile_videos(np.concatenate([videos, blank]), [*prompts, *[" "] * pad], columns)[0]
 
 
 def tile_videos(videos: np.ndarray, prompts: Sequence[str], num_samples: int) -> np.ndarray:

@@ -22,6 +22,16 @@ def sincos_2d(dim, size):
     return np.concatenate([one_d(dim // 2, grid[0]), one_d(dim // 2, grid[1])], axis=1)
 
 
+def timestep_features(t, half=128):
+    """DiT's 256 timestep features, in float32 as DiT computes them (in float64 they differ by ~1e-5 at
+    t = 999), with each frequency exp(float32 exponent) correctly rounded: a float32 exp's last bit
+    depends on the library (torch's on CPU is one bit off in 3 of the 128, XLA's in more)."""
+    exponents = (-math.log(10000) * np.arange(half, dtype=np.float32) / half).astype(np.float32)
+    freqs = np.exp(exponents.astype(np.float64)).astype(np.float32)  # (half,)
+    args = np.asarray(t).astype(np.float32)[:, None] * freqs  # (B, half) float32
+    return np.concatenate([np.cos(args), np.sin(args)], axis=1)  # (B, 2 half) float32
+
+
 def _linear(sd, name, x):
     return x @ sd[f"{name}.weight"].T + sd[f"{name}.bias"]
 
@@ -63,9 +73,7 @@ def dit_forward(sd, x, t, y, *, patch, heads, depth):
     tokens = patches.reshape(b, -1, c * patch * patch) @ weight.reshape(d, -1).T + sd["x_embedder.proj.bias"]
     tokens = tokens + sd["pos_embed"][0]
 
-    half = 128  # DiT's 256 frequencies
-    freqs = np.exp(-math.log(10000) * np.arange(half) / half)
-    t_freq = np.concatenate([np.cos(t[:, None] * freqs), np.sin(t[:, None] * freqs)], axis=1)
+    t_freq = timestep_features(t).astype(np.float64)
     t_emb = _linear(sd, "t_embedder.mlp.2", _silu(_linear(sd, "t_embedder.mlp.0", t_freq)))
     cond = t_emb + sd["y_embedder.embedding_table.weight"][y]
 

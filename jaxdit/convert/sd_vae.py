@@ -24,10 +24,11 @@ from flax import nnx
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from jaxdit.codec.sd_vae import SD_SCALE, SD_SHIFT, SDVAE
+from jaxdit.convert import read_tensors as convert_tensors
+from jaxdit.convert import some
 
 DIFFUSERS_WEIGHTS, DIFFUSERS_CONFIG = "diffusion_pytorch_model.safetensors", "config.json"
 DEFAULT_GROUPS = 32  # diffusers' AutoencoderKL default norm_num_groups, which every SD VAE uses
-_MAX_NAMED = 10  # keys named in an error message
 # AutoencoderKL options SD's VAEs share and SDVAE builds in (SD3's and Flux's VAEs, without quant convs, differ).
 _ONLY_SUPPORTED = dict(use_quant_conv=True, use_post_quant_conv=True, mid_block_add_attention=True, act_fn="silu")
 
@@ -74,28 +75,8 @@ def source_shape(layout: str, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def read_tensors(path) -> dict[str, np.ndarray]:
-    """The tensors of a .safetensors (or .npz) file, by key; float32."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"no checkpoint file at {str(path)!r}: give the path of a diffusers AutoencoderKL weights file "
-            f"(e.g. vae/{DIFFUSERS_WEIGHTS} of a Stable Diffusion repository)."
-        )
-    try:
-        if path.suffix == ".npz":
-            with np.load(path) as archive:
-                tensors = dict(archive)
-        else:
-            from safetensors.numpy import load_file  # jax has imported ml_dtypes, so numpy reads bfloat16 too
-
-            tensors = load_file(path)
-    except Exception as err:  # safetensors' and numpy's errors for a file that is not theirs
-        raise ValueError(
-            f"{str(path)!r} is not a readable safetensors (or .npz) file ({type(err).__name__}: {err}). "
-            "Give a .safetensors file; a torch .bin/.ckpt must be converted first, e.g. with diffusers: "
-            "AutoencoderKL.from_pretrained(...).save_pretrained(DIR, safe_serialization=True)."
-        ) from err
-    return {key: np.asarray(value, dtype=np.float32) for key, value in tensors.items()}
+    """The VAE's tensors by key, float32 (see `jaxdit.convert.read_tensors`)."""
+    return convert_tensors(path, what=f"a diffusers AutoencoderKL weights file (e.g. vae/{DIFFUSERS_WEIGHTS})")
 
 
 def infer_spec(tensors: dict[str, np.ndarray], config: dict | None = None) -> dict:
@@ -156,12 +137,12 @@ def from_diffusers(tensors: dict[str, np.ndarray], config: dict | None = None) -
     if missing:
         raise ValueError(
             f"the checkpoint lacks {len(missing)} of the {len(wanted)} weights of an AutoencoderKL with {spec}: "
-            f"{_some(missing)}. Is it a complete diffusers AutoencoderKL checkpoint (with quant_conv and "
+            f"{some(missing)}. Is it a complete diffusers AutoencoderKL checkpoint (with quant_conv and "
             "post_quant_conv), and does --config match it?"
         )
     if unexpected:
         raise ValueError(
-            f"the checkpoint has {len(unexpected)} weights an AutoencoderKL with {spec} does not: {_some(unexpected)}. "
+            f"the checkpoint has {len(unexpected)} weights an AutoencoderKL with {spec} does not: {some(unexpected)}. "
             "Give the VAE's weights only (not a whole pipeline's), in diffusers' layout."
         )
     converted = {}
@@ -176,10 +157,6 @@ def from_diffusers(tensors: dict[str, np.ndarray], config: dict | None = None) -
         converted[path] = einops.rearrange(by_key[key], layout)
     nnx.replace_by_pure_dict(params, unflatten_dict(converted))
     return nnx.merge(graphdef, params, rest)
-
-
-def _some(keys: list[str]) -> str:
-    return ", ".join(keys[:_MAX_NAMED]) + (f" and {len(keys) - _MAX_NAMED} more" if len(keys) > _MAX_NAMED else "")
 
 
 def convert(src, out, config=None) -> pathlib.Path:
