@@ -3,6 +3,8 @@
     python benchmarks/sample.py                                                 # configs/shapes_tiny.py, 50 DDIM steps, cfg 4
     python benchmarks/sample.py --config configs/shapes.py --batch-size 16 --out results.jsonl
     python benchmarks/sample.py --config configs/shapes.py --sampler ddpm --steps 250 --cfg-scale 1 --dtype bfloat16
+    python benchmarks/sample.py --config configs/shapes.py --model.variant XL/1x2x2 --sd-vae --num-frames 16 --size 256 \
+        --dtype bfloat16 --batch-size 1        # XL text-to-video, 16x256x256: 4096 tokens, SD-VAE decode included
 
 The program is `jaxdit.pipeline.VideoSampler`, the one sample.py, Pipeline and train.py's
 previews run: prompt encoding, the reverse diffusion as one `lax.scan` with classifier-free
@@ -42,6 +44,8 @@ def parse_args(argv):
     parser.add_argument("--size", type=int, help="pixels per side (default: data.size)")
     parser.add_argument("--dtype", help="model.dtype: float32, bfloat16, float16")
     parser.add_argument("--attention", help="model.attention: auto, xla, cudnn")
+    parser.add_argument("--sd-vae", action="store_true", help="decode with a full-size SD-VAE of random weights "
+                        "(8x smaller 4-channel latents; the time does not depend on the weights)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls after the first")
     parser.add_argument("--out", help="append the figures to this JSON-lines file")
     args, overrides = parser.parse_known_args(argv)
@@ -57,6 +61,17 @@ def prompts_for(config, count: int) -> list[str]:
     return [str(i % config.model.num_classes) for i in range(count)]
 
 
+def random_sd_vae():
+    """Stable Diffusion's VAE (diffusers' default AutoencoderKL sizes) with random weights, made in one jit."""
+    import jax
+    from flax import nnx
+
+    from jaxdit.codec.sd_vae import SDVAE
+
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: SDVAE(rngs=nnx.Rngs(0))))
+    return nnx.merge(graphdef, *jax.jit(lambda: nnx.split(SDVAE(rngs=nnx.Rngs(0)))[1:])())
+
+
 def run(config, args) -> dict:
     import jax
 
@@ -69,7 +84,7 @@ def run(config, args) -> dict:
 
     model, data = config.model, config.data
     mesh = make_mesh(1, devices=jax.local_devices())  # as Pipeline: parameters replicated, samples split
-    codec = make_codec(config.codec)
+    codec = random_sd_vae() if args.sd_vae else make_codec(config.codec)
     state = create_train_state(config, abstract_train_state(config, mesh))  # a fresh initialisation
     shardings = jax.tree.map(lambda x: x.sharding, state.ema)
     sampler = VideoSampler(config, model_graphdef(config), codec, mesh, shardings)
@@ -102,6 +117,7 @@ def run(config, args) -> dict:
         "variant": model.variant,
         "device": device.device_kind,
         "devices": mesh.size,
+        "codec": codec.kind + (" (random weights)" if args.sd_vae else ""),
         "sampler": args.sampler,
         "steps": args.steps,
         "cfg_scale": args.cfg_scale,
@@ -139,7 +155,7 @@ def main(argv=None) -> dict:
     args, overrides = parse_args(argv)
     named = {
         "data.num_frames": args.num_frames, "data.size": args.size, "model.dtype": args.dtype,
-        "model.attention": args.attention,
+        "model.attention": args.attention, "model.in_channels": 4 if args.sd_vae else None,
     }
     config, flags = benchmarking.build_config(args.config, overrides, named)
     record = run(config, args)

@@ -4,6 +4,7 @@
     python benchmarks/train.py --config configs/shapes.py --batch-size 64 --out results.jsonl
     python benchmarks/train.py --config configs/shapes.py --dtype bfloat16 --attention cudnn --remat dots
     python benchmarks/train.py --config configs/shapes.py --scan-layers      # compare compile_s with and without
+    python benchmarks/train.py --config configs/shapes.py --profile /tmp/prof  # + a jax.profiler trace of 3 steps
     python benchmarks/train.py --config configs/shapes.py --fsdp 8 --model.variant B/2x4x4 --num-frames 32
     python benchmarks/train.py --config configs/dit_xl2_256.py --latents --num-frames 1 --size 32 --batch-size 32
                                                           # DiT-XL/2 at 256x256: 32x32x4 latents, as from a latent cache
@@ -27,6 +28,8 @@ import statistics
 import time
 import warnings
 
+PROFILED_STEPS = 3
+
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(
@@ -46,6 +49,8 @@ def parse_args(argv):
     parser.add_argument("--fsdp", type=int, help="devices per parameter shard: the mesh is (devices / fsdp, fsdp)")
     parser.add_argument("--latents", action="store_true", help="feed (frames, size, size, in_channels) latents, no codec")
     parser.add_argument("--out", help="append the figures to this JSON-lines file")
+    parser.add_argument("--profile", help="after timing, trace 3 more steps with jax.profiler into this folder "
+                        "(open with TensorBoard's profile plugin or xprof)")
     args, overrides = parser.parse_known_args(argv)
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be at least 1 and --warmup at least 0.")
@@ -80,7 +85,7 @@ def synthetic_batch(config, latent_shape, *, latents: bool, mesh):
     return jax.jit(make, out_shardings=batch_sharding(mesh))(jax.random.key(config.train.seed))
 
 
-def run(config, *, latents: bool, steps: int, warmup: int) -> dict:
+def run(config, *, latents: bool, steps: int, warmup: int, profile: str | None = None) -> dict:
     import jax
 
     from jaxdit import benchmarking, flops
@@ -126,6 +131,12 @@ def run(config, *, latents: bool, steps: int, warmup: int) -> dict:
         jax.block_until_ready((state, metrics))
         if i >= warmup:
             times.append(time.perf_counter() - start)
+
+    if profile:  # separate from the timed steps, which the tracer would slow
+        with jax.profiler.trace(profile):
+            for rng in rngs[-PROFILED_STEPS:]:
+                state, metrics = compiled(state, batch, rng, codec_state)
+            jax.block_until_ready((state, metrics))
 
     step_time = statistics.median(times)
     samples_per_s = config.train.batch_size / step_time
@@ -182,7 +193,7 @@ def main(argv=None) -> dict:
     config, flags = benchmarking.build_config(args.config, overrides, named)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Some donated buffers were not usable")  # CPU cannot donate
-        record = run(config, latents=args.latents, steps=args.steps, warmup=args.warmup)
+        record = run(config, latents=args.latents, steps=args.steps, warmup=args.warmup, profile=args.profile)
     return benchmarking.report(record, config_file=args.config, flags=flags, out=args.out)
 
 

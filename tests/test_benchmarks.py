@@ -44,7 +44,9 @@ def check_record(out: pathlib.Path, returned: dict, keys, printed: str, rate: st
 
 def test_train_benchmark(tmp_path, capsys):
     out = tmp_path / "results.jsonl"
-    returned = benchmark("train").main(["--config", TINY, "--steps", "1", "--warmup", "0", "--out", str(out)])
+    argv = ["--config", TINY, "--steps", "1", "--warmup", "0", "--out", str(out), "--profile", str(tmp_path / "prof")]
+    returned = benchmark("train").main(argv)
+    assert list((tmp_path / "prof").rglob("*.xplane.pb"))  # the jax.profiler trace of the extra steps
     record = check_record(out, returned, TRAIN_KEYS, capsys.readouterr().out, "samples_per_s")
     assert record["config"] == "tiny" and record["batch_size"] == 8
     assert record["flops_per_sample"] > 0 and record["tokens_per_sample"] == 32  # 2x16x16 pixels in 1x4x4 patches

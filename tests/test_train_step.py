@@ -2,6 +2,7 @@
 non-finite updates, and it compiles for a large model from shapes alone."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ import jaxdit
 from jaxdit.codec import IdentityCodec
 from jaxdit.config import apply_overrides, load_config
 from jaxdit.data.pipeline import make_dataset
-from jaxdit.sharding import global_batch, make_mesh, param_axes
+from jaxdit.sharding import global_batch, is_stacked, make_mesh, param_axes
 from jaxdit.train_step import (
     abstract_train_state, create_train_state, frozen_codec_state, make_optimizer, make_train_step, model_graphdef,
 )
@@ -21,12 +22,20 @@ from jaxdit.train_step import (
 TINY = load_config("configs/tiny.py")
 
 
-def setup(config, mesh):
+@functools.cache
+def jitted_step(config, mesh):
+    """One jitted step per (config, mesh), shared by the tests that use the same: compiling dominates."""
     abstract = abstract_train_state(config, mesh)
     codec = IdentityCodec()
     jitted = make_train_step(config, model_graphdef(config), codec, mesh, abstract)
     codec_state = frozen_codec_state(codec, mesh)
-    return create_train_state(config, abstract), lambda state, batch, rng: jitted(state, batch, rng, codec_state)
+    return abstract, lambda state, batch, rng: jitted(state, batch, rng, codec_state)
+
+
+def setup(config, mesh):
+    """A fresh train state (the step donates it) and the step."""
+    abstract, step = jitted_step(config, mesh)
+    return create_train_state(config, abstract), step
 
 
 def first_batch(config, mesh):
@@ -70,7 +79,7 @@ def test_eight_devices_match_one_device(fsdp):
 
 
 def test_a_non_finite_batch_is_skipped_and_counted():
-    mesh = make_mesh(devices=jax.devices()[:2])
+    mesh = make_mesh()  # every device: the step of test_eight_devices_match_one_device[1], compiled once
     state, step = setup(TINY, mesh)
     batch = first_batch(TINY, mesh)
     bad = dict(batch, video=jnp.full(batch["video"].shape, jnp.nan, jnp.float32))
@@ -95,15 +104,19 @@ def test_ema_follows_the_parameters_at_its_decay():
         np.testing.assert_allclose(e, decay * e0 + (1 - decay) * p, rtol=1e-6, atol=1e-7)
 
 
-def test_weight_decay_only_on_matrices():
-    config = apply_overrides(TINY, ["--train.weight_decay", "0.5", "--train.learning_rate", "1e-2"])
-    state = create_train_state(config, abstract_train_state(config, make_mesh(devices=jax.devices()[:1])))
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_weight_decay_only_on_matrices(scan_layers):
+    config = apply_overrides(TINY, ["--train.weight_decay", "0.5", "--train.learning_rate", "1e-2",
+                                    "--model.scan_layers", str(scan_layers)])
+    shapes = abstract_train_state(config, make_mesh(devices=jax.devices()[:1])).params
+    draw = np.random.default_rng(0)  # nonzero parameters made on the host: nothing to compile
+    params = jax.tree.map(lambda x: draw.standard_normal(x.shape).astype(x.dtype), shapes)
     tx = make_optimizer(config.train)
-    zero_grads = jax.tree.map(jnp.zeros_like, state.params)  # so only weight decay can move a parameter
-    updates, _ = tx.update(zero_grads, tx.init(state.params), state.params)
-    for (path, p), u in zip(jax.tree_util.tree_leaves_with_path(state.params), jax.tree.leaves(updates)):
-        moved = bool(jnp.any(u != 0))
-        assert moved == (p.ndim >= 2 and bool(jnp.any(p != 0))), jax.tree_util.keystr(path)
+    # With zero gradients only weight decay can move a parameter.
+    updates = jax.jit(lambda p: tx.update(jax.tree.map(jnp.zeros_like, p), tx.init(p), p)[0])(params)
+    for (path, p), u in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(updates)):
+        matrix = p.ndim >= 3 if is_stacked(path) else p.ndim >= 2  # stacked blocks: a leading layer axis
+        assert np.any(np.asarray(u) != 0) == matrix, jax.tree_util.keystr(path)
 
 
 def test_fsdp_rule_splits_the_largest_divisible_dimension():
@@ -115,12 +128,14 @@ def test_fsdp_rule_splits_the_largest_divisible_dimension():
 
 
 def test_train_step_lowers_for_xl_from_shapes_alone():
-    """DiT-XL width over 16x32x32 inputs with text, FSDP over 8 devices: traced and lowered from
-    shapes alone, no parameter allocated. (XLA's compile of this program takes 82 s on a 2-core
-    CPU, too long for the suite; `benchmarks/` compiles it.)"""
+    """DiT-XL width over 16x32x32 inputs with text, scanned layers, FSDP over 8 devices: traced
+    and lowered from shapes alone, no parameter allocated. (XLA's compile of the unrolled program
+    takes 82 s on a 2-core CPU, too long for the suite; `benchmarks/` compiles it.)"""
     config = dataclasses.replace(
         TINY,
-        model=jaxdit.ModelConfig.from_variant("XL/1x2x2", in_channels=3, text_dim=256, dtype="bfloat16", remat="full"),
+        model=jaxdit.ModelConfig.from_variant(
+            "XL/1x2x2", in_channels=3, text_dim=256, dtype="bfloat16", remat="full", scan_layers=True
+        ),
         data=dataclasses.replace(TINY.data, num_frames=16, size=32),
         train=dataclasses.replace(TINY.train, batch_size=8, fsdp=8),
     )
@@ -137,7 +152,9 @@ def test_train_step_lowers_for_xl_from_shapes_alone():
     lowered = step.lower(abstract, batch, jax.eval_shape(lambda: jax.random.key(0)), nnx.state(IdentityCodec()))
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
     assert count > 600_000_000  # DiT-XL with a text encoder
-    assert "fsdp" in lowered.as_text()  # the parameters enter the program split over the fsdp axis
+    text = lowered.as_text()
+    assert "fsdp" in text  # the parameters enter the program split over the fsdp axis
+    assert "while" in text  # the 28 blocks are one loop (scan_layers)
 
 
 def test_class_conditional_step_on_latents():
