@@ -139,14 +139,8 @@ def run(config, args) -> dict:
         "seconds_per_video": call / batch_size,
         "seconds_per_step": call / args.steps,
         "videos_per_s": videos_per_s,
-        "tflops_per_s": flops_per_video * videos_per_s / 1e12,
-        "peak_tflops_per_device": flops.peak_tflops(device.device_kind),
-        "mfu": flops.model_flops_utilization(flops_per_video, videos_per_s, mesh.size, device.device_kind),
-        "peak_memory_bytes": benchmarking.peak_memory_bytes(jax.local_devices()),
         "repeats": args.repeats,
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-    }
+    } | benchmarking.rate_figures(flops_per_video, videos_per_s, mesh.size)
 
 
 def main(argv=None) -> dict:

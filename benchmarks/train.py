@@ -169,16 +169,10 @@ def run(config, *, latents: bool, steps: int, warmup: int, profile: str | None =
         "step_time_max_s": max(times),
         "samples_per_s": samples_per_s,
         "tokens_per_s": tokens * samples_per_s,
-        "tflops_per_s": flops_per_sample * samples_per_s / 1e12,
-        "peak_tflops_per_device": flops.peak_tflops(device.device_kind),
-        "mfu": flops.model_flops_utilization(flops_per_sample, samples_per_s, jax.device_count(), device.device_kind),
-        "peak_memory_bytes": benchmarking.peak_memory_bytes(jax.local_devices()),
         "loss": float(metrics["loss"]),
         "steps": steps,
         "warmup": warmup,
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-    }
+    } | benchmarking.rate_figures(flops_per_sample, samples_per_s, jax.device_count())
 
 
 def main(argv=None) -> dict:

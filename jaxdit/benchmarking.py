@@ -1,6 +1,6 @@
 """What the speed benchmarks (benchmarks/train.py, benchmarks/sample.py) share: the config from a
-file, named flags and overrides; the devices' peak memory; a record printed as a table and
-appended as one JSON line. Figures are printed, never asserted.
+file, named flags and overrides; what a measured rate means on the devices (TFLOP/s, MFU, peak
+memory); a record printed as a table and appended as one JSON line. Figures are printed, never asserted.
 """
 
 import datetime
@@ -28,6 +28,24 @@ def peak_memory_bytes(devices) -> int | None:
         if "peak_bytes_in_use" in stats:
             peaks.append(int(stats["peak_bytes_in_use"]))
     return max(peaks) if peaks else None
+
+
+def rate_figures(flops_per_item: float, items_per_s: float, devices: int) -> dict:
+    """What a measured rate means on these devices: TFLOP/s, the peak, MFU (None off a known peak),
+    peak memory, and the jax and backend that ran it; the tail of both benchmarks' records."""
+    import jax
+
+    from jaxdit import flops
+
+    kind = jax.devices()[0].device_kind
+    return {
+        "tflops_per_s": flops_per_item * items_per_s / 1e12,
+        "peak_tflops_per_device": flops.peak_tflops(kind),
+        "mfu": flops.model_flops_utilization(flops_per_item, items_per_s, devices, kind),
+        "peak_memory_bytes": peak_memory_bytes(jax.local_devices()),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+    }
 
 
 def report(record: dict, *, config_file: str, flags: list[str], out: str | None) -> dict:

@@ -335,6 +335,11 @@ class Config:
 
     def __post_init__(self):
         _check_choice("task", self.task, TASKS)
+        if self.sample.guidance_channels > self.model.in_channels:
+            raise ValueError(
+                f"sample.guidance_channels={self.sample.guidance_channels} exceeds the model's "
+                f"{self.model.in_channels} latent channels (model.in_channels); use 0 (all) or fewer."
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

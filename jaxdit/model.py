@@ -153,6 +153,6 @@ def stack_blocks(state: nnx.State) -> nnx.State:
     """
     blocks = state["blocks"]
     layers = [blocks[i] for i in range(len(blocks))]
-    converted = nnx.State({name: value for name, value in state.raw_mapping.items() if name != "blocks"})
+    converted = nnx.State({name: value for name, value in state.items() if name != "blocks"})
     converted["stacked_blocks"] = jax.tree.map(lambda *arrays: jnp.stack(arrays), *layers)  # each (depth, ...)
     return converted

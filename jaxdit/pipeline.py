@@ -144,12 +144,7 @@ class VideoSampler:
     def _compile(self, sampler, steps, eta, guided, shape, progress):
         config, graphdef = self.config, self.graphdef
         channels = shape[-1]
-        guided_channels = config.sample.guidance_channels or channels
-        if guided_channels > channels:
-            raise ValueError(
-                f"sample.guidance_channels={guided_channels} exceeds the model's {channels} latent channels; "
-                "use 0 (all) or fewer."
-            )
+        guided_channels = config.sample.guidance_channels or channels  # checked by Config
 
         def generate(params, model_rngs, codec_state, cond, null, index, seed, cfg_scale):
             model = nnx.merge(graphdef, params, model_rngs)

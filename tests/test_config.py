@@ -56,6 +56,13 @@ def test_bad_values_are_named(field, value, message):
         jaxdit.ModelConfig(**{field: value})
 
 
+def test_guidance_channels_must_fit_the_latents():
+    model = jaxdit.ModelConfig(in_channels=4)
+    assert jaxdit.Config(model=model, sample=jaxdit.SampleConfig(guidance_channels=3)).sample.guidance_channels == 3
+    with pytest.raises(ValueError, match=r"sample.guidance_channels=5 exceeds the model's 4 latent channels"):
+        jaxdit.Config(model=model, sample=jaxdit.SampleConfig(guidance_channels=5))
+
+
 def test_overrides_and_derived_fields():
     config = jaxdit.ModelConfig.from_variant("XL/1x2x2", in_channels=8, learn_sigma=True, num_classes=1000)
     assert config.out_channels == 16

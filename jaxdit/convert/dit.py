@@ -17,6 +17,7 @@ OUT then holds the config and the weights as the EMA weights of a step-0 checkpo
 """
 
 import argparse
+import functools
 import json
 import logging
 import pathlib
@@ -34,6 +35,7 @@ from jaxdit.config import (
     VARIANTS, CodecConfig, Config, DataConfig, DiffusionConfig, ModelConfig, SampleConfig, TrainConfig, parse_variant,
 )
 from jaxdit.convert import read_tensors, some
+from jaxdit.patch import sincos_3d
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +84,7 @@ def dit_config(variant: str = "XL/2", image_size: int = 256, *, num_classes: int
 
 
 def _dit_name(shape_of: dict) -> str:
-    """The DiT model a checkpoint's tensors describe, e.g. "width 1152, 28 blocks, patch 2 (XL/2)"."""
+    """The DiT model a checkpoint's tensors describe, e.g. "width 1152, 28 blocks, patch 2, 4 input channels: --variant XL/2"."""
     width, channels, patch, _ = shape_of["x_embedder.proj.weight"]
     depth = sum(1 for key in shape_of if key.startswith("blocks.") and key.endswith(".attn.qkv.weight"))
     names = [size for size, (w, d, _) in VARIANTS.items() if (w, d) == (width, depth)]
@@ -116,8 +118,6 @@ def check_tensors(tensors: dict[str, np.ndarray], config: Config) -> None:
         if shapes[key] != shape:
             raise ValueError(f"{key} has shape {shapes[key]} in {described} but {shape} in {wanted}: pass the right --variant.")
     grid = config.data.size // VAE_DOWNSAMPLE // model.patch[1]
-    from jaxdit.patch import sincos_3d
-
     difference = np.abs(tensors[_POSITIONS][0] - sincos_3d(model.width, (1, grid, grid))).max()  # VideoDiT's (N, D)
     if difference > 1e-5:
         raise ValueError(
@@ -132,7 +132,7 @@ def expected_shapes(config: Config) -> dict[str, tuple[int, ...]]:
     width, (_, p, _) = model.width, model.patch
     tokens = (config.data.size // VAE_DOWNSAMPLE // p) ** 2
     shapes = {_POSITIONS: (1, tokens, width), _LABELS: (model.num_classes + 1, width)}
-    params = _abstract_params(config)
+    params = _abstract_params(model)
     for key, (path, _) in _param_keys(model.depth).items():
         kernel = params[(*path, "kernel")].shape  # (in, out)
         shapes[f"{key}.weight"] = (width, model.in_channels, p, p) if key == "x_embedder.proj" else kernel[::-1]
@@ -149,10 +149,12 @@ def _param_keys(depth: int) -> dict[str, tuple[tuple, str]]:
     return keys
 
 
-def _abstract_params(config: Config) -> dict:
+@functools.cache
+def _abstract_params(model: ModelConfig) -> dict:
+    """VideoDiT's parameter shapes by path, traced once per model config (tracing XL takes seconds)."""
     from jaxdit.model import VideoDiT
 
-    abstract = nnx.eval_shape(lambda: VideoDiT(config.model, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: VideoDiT(model, rngs=nnx.Rngs(0)))
     return flatten_dict(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
 
 
@@ -164,8 +166,8 @@ def to_videodit(tensors: dict[str, np.ndarray], config: Config) -> dict:
         params[(*path, "kernel")] = einops.rearrange(tensors[f"{key}.weight"], layout)
         params[(*path, "bias")] = tensors[f"{key}.bias"]
     params[("label_embed", "table", "embedding")] = tensors[_LABELS]
-    if params.keys() != _abstract_params(config).keys():  # the table above must cover VideoDiT exactly
-        raise AssertionError(f"the DiT key table does not cover VideoDiT: {sorted(params.keys() ^ _abstract_params(config).keys())}")
+    if params.keys() != _abstract_params(config.model).keys():  # the table above must cover VideoDiT exactly
+        raise AssertionError(f"the DiT key table does not cover VideoDiT: {sorted(params.keys() ^ _abstract_params(config.model).keys())}")
     return unflatten_dict(params)
 
 
