@@ -76,7 +76,6 @@ def run(config, args) -> dict:
     import jax
 
     from jaxdit import benchmarking, flops
-    from jaxdit.attention import resolve_implementation
     from jaxdit.codec import make_codec
     from jaxdit.pipeline import VideoSampler
     from jaxdit.sharding import make_mesh
@@ -110,13 +109,8 @@ def run(config, args) -> dict:
     text_length = config.text.max_length if model.has_text else 0
     flops_per_video = args.steps * (2 if guided else 1) * flops.forward_flops(model, latent_shape, text_length)
     videos_per_s = batch_size / call
-    device = jax.devices()[0]
-    return {
-        "benchmark": "sample",
-        "config": config.name,
-        "variant": model.variant,
-        "device": device.device_kind,
-        "devices": mesh.size,
+    tokens = flops.num_tokens(model, latent_shape)
+    return benchmarking.describe("sample", config, mesh.size, tokens) | {
         "codec": codec.kind + (" (random weights)" if args.sd_vae else ""),
         "sampler": args.sampler,
         "steps": args.steps,
@@ -129,9 +123,8 @@ def run(config, args) -> dict:
         "size": data.size,
         "video_shape": list(videos.shape[1:]),
         "latent_shape": list(latent_shape),
-        "tokens_per_sample": flops.num_tokens(model, latent_shape),
+        "tokens_per_sample": tokens,
         "dtype": model.dtype,
-        "attention": resolve_implementation(model.attention, model.dtype, model.width // model.heads),
         "flops_per_video": flops_per_video,
         "compile_s": max(first_call - call, 0.0),
         "first_call_s": first_call,

@@ -89,7 +89,6 @@ def run(config, *, latents: bool, steps: int, warmup: int, profile: str | None =
     import jax
 
     from jaxdit import benchmarking, flops
-    from jaxdit.attention import resolve_implementation
     from jaxdit.codec import IdentityCodec, make_codec
     from jaxdit.sharding import make_mesh
     from jaxdit.train_loop import check_config, parameter_count
@@ -142,13 +141,7 @@ def run(config, *, latents: bool, steps: int, warmup: int, profile: str | None =
     samples_per_s = config.train.batch_size / step_time
     tokens = flops.num_tokens(model, latent_shape)
     flops_per_sample = flops.train_flops(model, latent_shape, text_length)
-    device = jax.devices()[0]
-    return {
-        "benchmark": "train",
-        "config": config.name,
-        "variant": model.variant,
-        "device": device.device_kind,
-        "devices": jax.device_count(),
+    return benchmarking.describe("train", config, jax.device_count(), tokens) | {
         "mesh": dict(mesh.shape),
         "batch_size": config.train.batch_size,
         "num_frames": data.num_frames,
@@ -158,7 +151,6 @@ def run(config, *, latents: bool, steps: int, warmup: int, profile: str | None =
         "tokens_per_sample": tokens,
         "text_tokens": text_length,
         "dtype": model.dtype,
-        "attention": resolve_implementation(model.attention, model.dtype, model.width // model.heads),
         "remat": model.remat,
         "scan_layers": model.scan_layers,
         "params": parameter_count(state.params),

@@ -30,6 +30,21 @@ def peak_memory_bytes(devices) -> int | None:
     return max(peaks) if peaks else None
 
 
+def describe(benchmark: str, config, devices: int, tokens: int) -> dict:
+    """The head of a record: which benchmark, config and model ran, on what, and the self-attention
+    implementation that ran over its `tokens` space-time tokens (the model's own choice under "auto")."""
+    import jax
+
+    from jaxdit.attention import resolve_implementation
+
+    model = config.model
+    attention = resolve_implementation(model.attention, model.dtype, model.width // model.heads, (tokens, tokens))
+    return {
+        "benchmark": benchmark, "config": config.name, "variant": model.variant,
+        "device": jax.devices()[0].device_kind, "devices": devices, "attention": attention,
+    }
+
+
 def rate_figures(flops_per_item: float, items_per_s: float, devices: int) -> dict:
     """What a measured rate means on these devices: TFLOP/s, the peak, MFU (None off a known peak),
     peak memory, and the jax and backend that ran it; the tail of both benchmarks' records."""
