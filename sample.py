@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output path: .mp4, .gif, .png or .npy")
     parser.add_argument("--num-samples", type=int, default=1, help="videos per prompt (default: 1)")
     parser.add_argument("--steps", type=int, help="denoising steps (default: the run's sample.steps)")
-    parser.add_argument("--sampler", help="ddim or ddpm (default: the run's sample.sampler)")
+    parser.add_argument("--sampler", help="ddim or ddpm for DDPM runs, euler or heun for flow runs (default: the run's sample.sampler)")
     parser.add_argument("--cfg-scale", type=float, help="classifier-free guidance; 1 turns it off")
     parser.add_argument("--eta", type=float, help="DDIM noise: 0 deterministic (default: the run's sample.eta)")
     parser.add_argument("--seed", type=int, default=0)

@@ -36,7 +36,7 @@ def parse_args(argv):
     )
     parser.add_argument("--config", default="configs/shapes_tiny.py")
     parser.add_argument("--steps", type=int, default=50, help="denoising steps")
-    parser.add_argument("--sampler", default="ddim", help="ddim or ddpm")
+    parser.add_argument("--sampler", default="", help="ddim or ddpm (DDPM runs), euler or heun (flow runs); default: the run's")
     parser.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance; 1: off (one pass)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale")
     parser.add_argument("--batch-size", type=int, help="videos per call (default: one per local device)")
@@ -75,7 +75,7 @@ def random_sd_vae():
 def run(config, args) -> dict:
     import jax
 
-    from jaxdit import benchmarking, flops
+    from jaxdit import benchmarking, flops, sampling
     from jaxdit.codec import make_codec
     from jaxdit.pipeline import VideoSampler
     from jaxdit.sharding import make_mesh
@@ -90,8 +90,9 @@ def run(config, args) -> dict:
     batch_size = args.batch_size or mesh.size
     prompts = prompts_for(config, batch_size)
     latent_shape = sampler.latent_shape(data.num_frames, data.size)
+    sampler_name = sampling.check_sampler(args.sampler, args.steps, config.diffusion.num_steps, config.diffusion.process)
     kwargs = dict(
-        seed=config.train.seed, sampler=args.sampler, steps=args.steps, eta=args.eta, cfg_scale=args.cfg_scale,
+        seed=config.train.seed, sampler=sampler_name, steps=args.steps, eta=args.eta, cfg_scale=args.cfg_scale,
         num_frames=data.num_frames, size=data.size, batch_size=batch_size,
     )
 
@@ -107,12 +108,12 @@ def run(config, args) -> dict:
     call = statistics.median(times)
     guided = bool(model.has_text or model.num_classes) and args.cfg_scale != 1.0  # as VideoSampler decides
     text_length = config.text.max_length if model.has_text else 0
-    flops_per_video = args.steps * (2 if guided else 1) * flops.forward_flops(model, latent_shape, text_length)
+    flops_per_video = sampling.evaluations(sampler_name, args.steps) * (2 if guided else 1) * flops.forward_flops(model, latent_shape, text_length)
     videos_per_s = batch_size / call
     tokens = flops.num_tokens(model, latent_shape)
     return benchmarking.describe("sample", config, mesh.size, tokens) | {
         "codec": codec.kind + (" (random weights)" if args.sd_vae else ""),
-        "sampler": args.sampler,
+        "sampler": sampler_name,
         "steps": args.steps,
         "cfg_scale": args.cfg_scale,
         "guided": guided,

@@ -33,15 +33,35 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 # or only the matmul outputs.
 REMAT_POLICIES = ("none", "full", "dots")
 NOISE_SCHEDULES = ("linear", "cosine")  # beta schedules of the forward process (DiT: linear)
-# What the network predicts: the noise (DiT), v = a*eps - s*x0, or the clean sample x0 (for
-# pixel-space models whose patches have more dimensions than the model's width).
+# The forward process: DDPM's discrete noising steps (DiT), or flow matching's straight path
+# x_t = (1 - t) x0 + t eps over continuous t (rectified flow: SD3, Open-Sora 2.0).
+PROCESSES = ("ddpm", "flow")
+# What the network predicts: the noise (DiT), the velocity v (DDPM: a*eps - s*x0; flow: eps - x0),
+# or the clean sample x0 (for pixel-space models whose patches have more dimensions than the model's width).
 PREDICTIONS = ("epsilon", "v", "x0")
+TIME_SAMPLINGS = ("uniform", "logit_normal")  # how flow training draws t in (0, 1)
 LR_SCHEDULES = ("constant", "cosine")  # after the linear warm-up
 # identity: the model works on pixels scaled to [-1, 1]; saved: the frozen codec in codec.path
 CODECS = ("identity", "saved")
 RECONSTRUCTION_LOSSES = ("l1", "mse")
 TASKS = ("dit", "codec")  # what train.py trains: the diffusion transformer, or a video autoencoder (a codec)
-SAMPLERS = ("ddim", "ddpm")  # deterministic (eta 0) or ancestral reverse diffusion
+# Each process's samplers, its default first: DDIM (deterministic at eta 0) or ancestral DDPM
+# for DDPM runs; Euler or Heun (2nd order) ODE integration for flow runs.
+SAMPLERS = {"ddpm": ("ddim", "ddpm"), "flow": ("euler", "heun")}
+
+def check_sampler(sampler: str, process: str) -> str:
+    """The sampler that runs ("": the process's default), or an error naming the process's samplers."""
+    if not sampler:
+        return SAMPLERS[process][0]
+    if sampler not in SAMPLERS[process]:
+        known = sum(SAMPLERS.values(), ())
+        raise ValueError(
+            f"unknown sampler {sampler!r}; use one of {', '.join(known)}." if sampler not in known else
+            f"sampler {sampler!r} does not sample a {process} run; use one of {', '.join(SAMPLERS[process])} "
+            f"(diffusion.process={process!r})."
+        )
+    return sampler
+
 
 class ConfigError(ValueError):
     """A config that cannot run here (e.g. a batch that does not split over the devices)."""
@@ -190,14 +210,29 @@ class TextConfig:
 class DiffusionConfig:
     """The forward (noising) process and the training objective."""
 
-    num_steps: int = 1000
-    schedule: str = "linear"  # one of NOISE_SCHEDULES
-    prediction: str = "epsilon"  # one of PREDICTIONS; a learn_sigma model adds DiT's variance term
+    process: str = "ddpm"  # one of PROCESSES
+    num_steps: int = 1000  # ddpm: the discrete steps of the forward process
+    schedule: str = "linear"  # ddpm: one of NOISE_SCHEDULES
+    prediction: str = "epsilon"  # one of PREDICTIONS; a learn_sigma model (ddpm) adds DiT's variance term
+    # flow: training times are `time_sampling` draws (logit_normal: sigmoid(N(time_mean, time_std^2))),
+    # then shifted toward noise by t' = s t / (1 + (s - 1) t), in training and sampling alike. s is
+    # `shift`, times sqrt(tokens / shift_reference_tokens) when that is > 0 (SD3's resolution rule).
+    time_sampling: str = "uniform"
+    time_mean: float = 0.0
+    time_std: float = 1.0
+    shift: float = 1.0
+    shift_reference_tokens: int = 0
 
     def __post_init__(self):
-        _check_minimums("diffusion", self, num_steps=1)
+        _check_choice("diffusion.process", self.process, PROCESSES)
+        _check_minimums("diffusion", self, num_steps=1, shift_reference_tokens=0)
         _check_choice("diffusion.schedule", self.schedule, NOISE_SCHEDULES)
         _check_choice("diffusion.prediction", self.prediction, PREDICTIONS)
+        _check_choice("diffusion.time_sampling", self.time_sampling, TIME_SAMPLINGS)
+        if self.time_std <= 0 or self.shift <= 0:
+            raise ValueError(
+                f"diffusion.time_std and diffusion.shift must be positive; got {self.time_std} and {self.shift}."
+            )
         if self.schedule == "linear" and 0.02 * 1000 / self.num_steps >= 1:  # DiT's betas, stretched
             raise ValueError(
                 f"diffusion.num_steps={self.num_steps} is too few for the linear schedule (its last beta "
@@ -298,8 +333,8 @@ class TrainConfig:
 class SampleConfig:
     """How a run's videos are generated: sample.py's and Pipeline's defaults, train.py's previews."""
 
-    sampler: str = "ddim"  # one of SAMPLERS
-    steps: int = 50  # visited diffusion steps, evenly spaced over the training steps
+    sampler: str = ""  # one of SAMPLERS[diffusion.process]; "": its first (ddim, or euler for flow)
+    steps: int = 50  # ddpm: visited steps, evenly spaced over the training steps; flow: ODE steps
     eta: float = 0.0  # DDIM's noise scale: 0 deterministic, 1 as much noise as DDPM
     cfg_scale: float = 4.0  # classifier-free guidance g; 1 turns guidance off (one pass per step)
     # Latent channels that guidance moves; 0: all. DiT's sample.py guides the first 3 of its 4 (for
@@ -312,7 +347,8 @@ class SampleConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "prompts", tuple(self.prompts))  # a list after a JSON round trip
-        _check_choice("sample.sampler", self.sampler, SAMPLERS)
+        if self.sampler:
+            _check_choice("sample.sampler", self.sampler, sum(SAMPLERS.values(), ()))
         _check_minimums("sample", self, steps=1, num_samples=1, every=0, guidance_channels=0)
         if self.eta < 0 or self.cfg_scale < 0 or self.fps <= 0:
             raise ValueError("sample.eta and sample.cfg_scale must be >= 0 and sample.fps positive.")
@@ -335,6 +371,9 @@ class Config:
 
     def __post_init__(self):
         _check_choice("task", self.task, TASKS)
+        check_sampler(self.sample.sampler, self.diffusion.process)
+        if self.diffusion.process == "flow" and self.model.learn_sigma:
+            raise ValueError("model.learn_sigma is DDPM's learned variance: a flow run (diffusion.process='flow') has none.")
         if self.sample.guidance_channels > self.model.in_channels:
             raise ValueError(
                 f"sample.guidance_channels={self.sample.guidance_channels} exceeds the model's "

@@ -29,7 +29,7 @@ from jaxdit.codec import make_codec, to_uint8
 from jaxdit.config import Config
 from jaxdit.sharding import batch_sharding, make_mesh
 from jaxdit.text import ByteTokenizer
-from jaxdit.train_step import abstract_train_state, frozen_codec_state, model_graphdef
+from jaxdit.train_step import abstract_train_state, flow_shift, frozen_codec_state, model_graphdef
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class VideoSampler:
     ) -> np.ndarray:
         """One video per prompt (repeat a prompt for several samples) -> uint8 (B, T, H, W, 3)."""
         config = self.config
-        sampling.check_sampler(sampler, steps, config.diffusion.num_steps)
+        sampler = sampling.check_sampler(sampler, steps, config.diffusion.num_steps, config.diffusion.process)
         shape = self.latent_shape(num_frames, size)
         cond, null = conditions(config, prompts)
         guided = bool(null) and cfg_scale != 1.0  # no condition, or g = 1: one pass per step
@@ -159,12 +159,19 @@ class VideoSampler:
             if guided:
                 denoise = sampling.guide(denoise, cfg_scale, guided_channels)
             keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(index)  # (B,)
-            x0 = sampling.sample(
-                denoise, keys, shape, schedule_kind=config.diffusion.schedule,
-                num_train_steps=config.diffusion.num_steps, steps=steps, sampler=sampler, eta=eta,
-                prediction=config.diffusion.prediction, learn_sigma=config.model.learn_sigma,
-                clip_x0=codec.clip_latents, progress=self._advance if progress else None,
-            )  # (B, T, H, W, C)
+            advance = self._advance if progress else None
+            if config.diffusion.process == "flow":
+                x0 = sampling.sample_flow(
+                    denoise, keys, shape, steps=steps, sampler=sampler, prediction=config.diffusion.prediction,
+                    shift=flow_shift(config, shape), clip_x0=codec.clip_latents, progress=advance,
+                )  # (B, T, H, W, C)
+            else:
+                x0 = sampling.sample(
+                    denoise, keys, shape, schedule_kind=config.diffusion.schedule,
+                    num_train_steps=config.diffusion.num_steps, steps=steps, sampler=sampler, eta=eta,
+                    prediction=config.diffusion.prediction, learn_sigma=config.model.learn_sigma,
+                    clip_x0=codec.clip_latents, progress=advance,
+                )  # (B, T, H, W, C)
             return to_uint8(codec.decode(x0))  # (B, T', H', W', 3)
 
         batched = batch_sharding(self.mesh)

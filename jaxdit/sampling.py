@@ -1,4 +1,5 @@
-"""Reverse diffusion: DDIM and DDPM samplers over any subset of the training steps.
+"""Reverse diffusion: DDIM and DDPM samplers over any subset of the training steps, and the
+Euler and Heun ODE samplers of flow matching.
 
 The samplers are pure functions of arrays. `sample` runs the whole reverse process as one
 `lax.scan` inside whatever `jit` calls it: pure noise x_T -> x_0, with `denoise(x, t)` the
@@ -11,6 +12,11 @@ of x0 (optionally clipped to the data range) and of the noise, then
 Visiting a subset of steps respaces the chain (`diffusion.respace`): coefficients are gathered
 with the index i of the visited step, the network sees the original step timesteps[i].
 
+`sample_flow` integrates the flow's velocity from t = 1 (noise) to t = 0 on the shifted time
+grid of `flow.time_grid`: Euler, x <- (1 - t') x0 + t' eps with the (x0, eps) the network implies
+at t (the same as x + (t' - t) v, and like DDIM exact for straight paths), or Heun, which averages
+that velocity with the one at the Euler point (two network passes a step, one on the last).
+
 Randomness is per sample: sample b draws x_T from fold_in(keys[b], 0) and step i's noise
 from fold_in(keys[b], i + 1), so a sample's pixels do not depend on the batch it is in.
 """
@@ -21,16 +27,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdit import diffusion
-from jaxdit.config import SAMPLERS
+from jaxdit import diffusion, flow
+from jaxdit.config import check_sampler as _resolve
 
 Denoise = Callable[[jax.Array, jax.Array], jax.Array]  # (x (B, ...), t (B,)) -> output (B, ..., C or 2C)
 
 
-def check_sampler(sampler: str, steps: int, num_train_steps: int) -> None:
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}.")
-    timestep_subset(num_train_steps, steps)  # checks the step count
+def check_sampler(sampler: str, steps: int, num_train_steps: int, process: str = "ddpm") -> str:
+    """The sampler that runs ("": the process's default), after checking it and the step count."""
+    sampler = _resolve(sampler, process)
+    if process == "flow":
+        flow.time_grid(steps)  # checks the step count
+    else:
+        timestep_subset(num_train_steps, steps)
+    return sampler
+
+
+def evaluations(sampler: str, steps: int) -> int:
+    """Network passes per sample (before guidance doubles them): Heun's corrector adds one on every step but the last."""
+    return 2 * steps - 1 if sampler == "heun" else steps
 
 
 def timestep_subset(num_train_steps: int, steps: int) -> np.ndarray:
@@ -109,7 +124,7 @@ def sample(
     `x_T` (B, T, H, W, C), when given, is the starting noise instead of the keys' draw (e.g. to
     reproduce another implementation's sample from its noise).
     """
-    check_sampler(sampler, steps, num_train_steps)
+    sampler = check_sampler(sampler, steps, num_train_steps)
     timesteps = timestep_subset(num_train_steps, steps)  # (S,) increasing
     schedule = diffusion.respace(schedule_kind, num_train_steps, timesteps)
     channels = shape[-1]
@@ -141,4 +156,56 @@ def sample(
     elif x_T.shape != (batch, *shape):
         raise ValueError(f"x_T must have shape {(batch, *shape)} (keys x sample shape); got {tuple(x_T.shape)}.")
     x0, _ = jax.lax.scan(step, x_T, jnp.arange(steps - 1, -1, -1))
+    return x0
+
+
+def sample_flow(
+    denoise: Denoise,
+    keys: jax.Array,
+    shape: tuple[int, ...],
+    *,
+    steps: int,
+    sampler: str = "euler",
+    prediction: str = "v",
+    shift: float = 1.0,
+    clip_x0: bool = False,
+    progress: Callable[[int], None] | None = None,
+    x_T: jax.Array | None = None,
+) -> jax.Array:
+    """Flow matching's reverse ODE from x_1 = noise: keys (B,), shape (T, H, W, C) -> x0 (B, T, H, W, C) float32.
+
+    `denoise(x, t)` sees t * flow.TIME_SCALE. `progress(i)` is called after each step, i = 1..steps.
+    """
+    sampler = check_sampler(sampler, steps, 0, "flow")
+    times = jnp.asarray(flow.time_grid(steps, shift))  # (S + 1,) from 1 down to 0
+    batch = keys.shape[0]
+
+    def predict(x, t):  # (x0, eps) the network implies at time t (a scalar)
+        t = jnp.full((batch,), t, jnp.float32)  # (B,)
+        x0, eps = flow.split(x, t, denoise(x, t * flow.TIME_SCALE), prediction)  # 2x (B, T, H, W, C)
+        if clip_x0:  # the sample clipped to the data range, and the noise that with it still makes x
+            x0 = jnp.clip(x0, -1.0, 1.0)
+            eps = flow.split(x, t, x0, "x0")[1]
+        return x0, eps
+
+    def step(x: jax.Array, i: jax.Array):
+        t, t_next = times[i], times[i + 1]
+        x0, eps = predict(x, t)
+        x_euler = (1 - t_next) * x0 + t_next * eps  # = x + (t_next - t) (eps - x0)
+        if sampler == "heun":
+            def corrected(x_euler):
+                x0_next, eps_next = predict(x_euler, t_next)
+                return x + (t_next - t) * 0.5 * ((eps - x0) + (eps_next - x0_next))
+
+            # The last step lands on t = 0, where the velocity of x0 and eps predictions is singular: Euler.
+            x_euler = jax.lax.cond(t_next > 0, corrected, lambda x_euler: x_euler, x_euler)
+        if progress is not None:
+            jax.debug.callback(progress, i + 1)
+        return x_euler, None
+
+    if x_T is None:
+        x_T = _normal(keys, 0, shape)  # (B, T, H, W, C)
+    elif x_T.shape != (batch, *shape):
+        raise ValueError(f"x_T must have shape {(batch, *shape)} (keys x sample shape); got {tuple(x_T.shape)}.")
+    x0, _ = jax.lax.scan(step, x_T, jnp.arange(steps))
     return x0

@@ -14,13 +14,14 @@ the state.
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from jaxdit import diffusion
+from jaxdit import diffusion, flow
 from jaxdit.config import Config, TrainConfig
 from jaxdit.denoiser import Denoiser
 from jaxdit.sharding import batch_sharding, is_stacked, state_sharding
@@ -111,26 +112,47 @@ def create_train_state(config: Config, abstract_state: TrainState) -> TrainState
     return jax.jit(init, out_shardings=shardings)(jax.random.key(config.train.seed))
 
 
+def flow_shift(config: Config, latent_shape: tuple[int, ...]) -> float:
+    """The flow time shift for latents (..., T, H, W, C): diffusion.shift, scaled by their token count if asked."""
+    grid = [size // p for size, p in zip(latent_shape[-4:-1], config.model.patch)]
+    d = config.diffusion
+    return flow.resolve_shift(d.shift, d.shift_reference_tokens, math.prod(grid))
+
+
 def diffusion_loss(model, batch: dict, rng: jax.Array, *, config: Config, codec) -> tuple[jax.Array, dict]:
-    """The DiT objective on one batch: noise the codec's latents at random steps, predict, MSE (+ vb)."""
-    schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_steps)
+    """The DiT objective on one batch: noise the codec's latents at random times, predict, MSE (+ vb).
+
+    DDPM (DiT): steps t ~ U{0..num_steps-1}, the loss on the configured target (+ vb with learn_sigma).
+    Flow matching: times t in (0, 1) as configured, the network sees t * 1000, the loss on the velocity.
+    """
+    d = config.diffusion
     noise_rng, t_rng, dropout_rng = jax.random.split(rng, 3)
     if "latents" in batch:  # a latent cache: encoded once, ahead of training
         x0 = batch["latents"]  # (B, T, H, W, C)
     else:
         x0 = jax.lax.stop_gradient(codec.encode(batch["video"]))  # (B, T, H, W, C), the frozen codec
-    t = diffusion.sample_timesteps(t_rng, x0.shape[0], schedule.num_steps)  # (B,)
     noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)  # (B, T, H, W, C)
-    x_t = diffusion.q_sample(schedule, x0, t, noise)  # (B, T, H, W, C)
+    if d.process == "flow":
+        t = flow.sample_time(
+            t_rng, x0.shape[0], sampling=d.time_sampling, mean=d.time_mean, std=d.time_std,
+            shift=flow_shift(config, x0.shape),
+        )  # (B,) in (0, 1)
+        x_t, model_t = flow.interpolate(x0, noise, t), t * flow.TIME_SCALE  # (B, T, H, W, C), (B,)
+    else:
+        schedule = diffusion.make_schedule(d.schedule, d.num_steps)
+        t = model_t = diffusion.sample_timesteps(t_rng, x0.shape[0], schedule.num_steps)  # (B,)
+        x_t = diffusion.q_sample(schedule, x0, t, noise)  # (B, T, H, W, C)
     nnx.reseed(model, dropout=dropout_rng)
     prediction = model(
-        x_t, t, text_tokens=batch.get("text_tokens"), text_mask=batch.get("text_mask"),
+        x_t, model_t, text_tokens=batch.get("text_tokens"), text_mask=batch.get("text_mask"),
         label=batch.get("label"), train=True,
     )  # (B, T, H, W, C or 2C)
-    per_example, terms = diffusion.loss(
-        schedule, prediction, x0, x_t, noise, t,
-        prediction=config.diffusion.prediction, learn_sigma=config.model.learn_sigma,
-    )  # (B,)
+    if d.process == "flow":
+        per_example, terms = flow.loss(prediction, x0, x_t, noise, t, prediction=d.prediction)  # (B,)
+    else:
+        per_example, terms = diffusion.loss(
+            schedule, prediction, x0, x_t, noise, t, prediction=d.prediction, learn_sigma=config.model.learn_sigma,
+        )  # (B,)
     return per_example.mean(), {name: term.mean() for name, term in terms.items()}
 
 

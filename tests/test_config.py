@@ -102,6 +102,6 @@ def test_sample_prompts_from_the_command_line_and_through_json():
     assert config.sample.prompts == ("a red circle moving left", "a blue square moving up")
     assert config.sample.cfg_scale == 2.0
     assert jaxdit.Config.from_dict(json.loads(json.dumps(config.to_dict()))) == config
-    for field, value in [("sampler", "euler"), ("steps", 0), ("eta", -1.0), ("fps", 0.0)]:
+    for field, value in [("sampler", "rk4"), ("steps", 0), ("eta", -1.0), ("fps", 0.0)]:
         with pytest.raises(ValueError, match="sample"):
             jaxdit.SampleConfig(**{field: value})

@@ -89,7 +89,8 @@ def test_ddim_with_eta_one_is_ddpm_and_eta_zero_is_not(pipe):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"sampler": "euler"}, "unknown sampler 'euler'"),
+        ({"sampler": "rk4"}, "unknown sampler 'rk4'"),
+        ({"sampler": "heun"}, "sampler 'heun' does not sample a ddpm run"),
         ({"steps": 0}, "between 1 and the 1000 training steps"),
         ({"size": 18}, "cannot make videos of 18 size: size must be a positive multiple of 4"),
         ({"num_frames": 0}, "cannot make videos of 0 frames"),
@@ -137,7 +138,7 @@ def test_sample_py_writes_npy_png_and_reads_a_prompts_file(run, tmp_path, capsys
         (["--workdir", "{tmp}/none", "--prompt", "x", "--out", "{tmp}/a.npy"], "no checkpoints in"),
         (["--prompt", "x", "--out", "{tmp}/a.avi"], "must end in one of .mp4, .gif, .png, .npy"),
         (["--out", "{tmp}/a.npy"], "give at least one --prompt"),
-        (["--prompt", "x", "--out", "{tmp}/a.npy", "--sampler", "euler"], "unknown sampler 'euler'"),
+        (["--prompt", "x", "--out", "{tmp}/a.npy", "--sampler", "euler"], "sampler 'euler' does not sample a ddpm run"),
         (["--prompt", "x", "--out", "{tmp}/a.npy", "--size", "10"], "cannot make videos of 10 size"),
         (["--prompts-file", "{tmp}/missing.txt", "--out", "{tmp}/a.npy"], "cannot read --prompts-file"),
     ],

@@ -118,7 +118,8 @@ def test_progress_is_reported_once_per_step():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"sampler": "euler"}, "unknown sampler 'euler'"),
+        ({"sampler": "rk4"}, "unknown sampler 'rk4'"),
+        ({"sampler": "euler"}, "sampler 'euler' does not sample a ddpm run; use one of ddim, ddpm"),
         ({"steps": 0}, "between 1 and the 1000 training steps"),
         ({"steps": 1001}, "between 1 and the 1000 training steps"),
     ],
