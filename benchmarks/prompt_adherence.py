@@ -12,19 +12,6 @@ import argparse
 import itertools
 import time
 
-import numpy as np
-
-
-def prompts(count: int, seed: int) -> list[str]:
-    from jaxdit.data.shapes import COLOURS, DIRECTIONS, SHAPES, SIZES
-
-    grammar = [
-        f"a {size} {colour} {shape} moving {direction}"
-        for size, colour, shape, direction in itertools.product(SIZES, COLOURS, SHAPES, DIRECTIONS)
-    ]
-    picks = np.random.default_rng(seed).permutation(len(grammar))[:count]
-    return [grammar[i] for i in picks]
-
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -39,22 +26,24 @@ def main(argv=None) -> None:
 
     import jax
 
-    from jaxdit.data.judge import summary
+    from jaxdit.config import check_sampler
+    from jaxdit.data.judge import one_object_prompts, summary
     from jaxdit.pipeline import Pipeline
 
     pipe = Pipeline.load(args.workdir)
-    captions = prompts(args.num_prompts, args.seed)
+    captions = one_object_prompts(args.num_prompts, args.seed)
     defaults = pipe.config.sample
     print(f"{args.workdir} step {pipe.step}, {len(captions)} one-object prompts, {jax.device_count()} x {jax.devices()[0].device_kind}")
     print("sampler  steps   cfg   colour  motion   shape    size     all   seconds")
+    sampler = check_sampler(args.sampler or defaults.sampler, pipe.config.diffusion.process)
     for cfg_scale, steps in itertools.product(args.cfg_scale or [defaults.cfg_scale], args.steps or [defaults.steps]):
-        kwargs = dict(steps=steps, cfg_scale=cfg_scale, sampler=args.sampler, seed=args.seed)
+        kwargs = dict(steps=steps, cfg_scale=cfg_scale, sampler=sampler, seed=args.seed)
         start = time.perf_counter()
         videos = pipe.generate(captions, **kwargs)
         seconds = time.perf_counter() - start
         rates = summary(videos, captions)
         print(
-            f"{args.sampler or defaults.sampler:7s} {steps:6d} {cfg_scale:5.1f}  {rates['colour']:6.2f}  {rates['direction']:6.2f}"
+            f"{sampler:7s} {steps:6d} {cfg_scale:5.1f}  {rates['colour']:6.2f}  {rates['direction']:6.2f}"
             f"  {rates['shape']:6.2f}  {rates['size']:6.2f}  {rates['all']:6.2f}  {seconds:8.1f}"
         )
     if args.save:

@@ -112,3 +112,11 @@ def attention(
         return out
     # With every key masked the softmax would spread evenly over the padding: return nothing instead.
     return out * mask.any(axis=1)[:, None, None, None].astype(out.dtype)  # (B, N, K, Dh)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates each head's pairs (x[..., j], x[..., j + Dh/2]) by the token's angles: x (B, N, K, Dh),
+    cos and sin (N, Dh/2) -> (B, N, K, Dh). Dot products of rotated q and k see only offsets."""
+    x1, x2 = jnp.split(x, 2, axis=-1)  # 2x (B, N, K, Dh/2)
+    cos, sin = (a[None, :, None, :].astype(x.dtype) for a in (cos, sin))  # (1, N, 1, Dh/2)
+    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)  # (B, N, K, Dh)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxdit.attention import attention
+from jaxdit.attention import apply_rope, attention
 
 _NORM_EPS = 1e-6  # DiT's LayerNorm epsilon
 
@@ -26,33 +26,56 @@ def layer_norm(width: int, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
     return nnx.LayerNorm(width, epsilon=_NORM_EPS, use_bias=False, use_scale=False, dtype=dtype, rngs=rngs)
 
 
+class QKNorm(nnx.Module):
+    """RMSNorm of each head's queries and keys, with learned scales (SD3, Wan): keeps attention
+    logits bounded whatever the width, so they cannot saturate the softmax early in training."""
+
+    def __init__(self, head_dim: int, *, dtype, rngs: nnx.Rngs):
+        self.q = nnx.RMSNorm(head_dim, epsilon=_NORM_EPS, dtype=dtype, rngs=rngs)
+        self.k = nnx.RMSNorm(head_dim, epsilon=_NORM_EPS, dtype=dtype, rngs=rngs)
+
+    def __call__(self, q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return self.q(q), self.k(k)  # (B, N, K, Dh), (B, L, K, Dh)
+
+
 class SelfAttention(nnx.Module):
     """Multi-head self-attention: over all space-time tokens in DiT blocks, over valid text tokens in the encoder."""
 
-    def __init__(self, width: int, heads: int, *, implementation: str, dtype, rngs: nnx.Rngs):
+    def __init__(self, width: int, heads: int, *, implementation: str, qk_norm: bool = False, dtype,
+                 rngs: nnx.Rngs):
         self.heads, self.implementation = heads, implementation
         self.qkv = nnx.Linear(width, 3 * width, kernel_init=xavier, dtype=dtype, rngs=rngs)
         self.proj = nnx.Linear(width, width, kernel_init=xavier, dtype=dtype, rngs=rngs)
+        self.qk_norm = nnx.data(QKNorm(width // heads, dtype=dtype, rngs=rngs) if qk_norm else None)
 
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-        """x (B, N, D), mask (B, N) bool: the keys that may be attended to (default: all)."""
-        qkv = einops.rearrange(self.qkv(x), "b n (three k h) -> three b n k h", three=3, k=self.heads)  # 3x(B, N, K, Dh)
-        out = attention(*qkv, mask=mask, implementation=self.implementation)  # (B, N, K, Dh)
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None, rope=None) -> jax.Array:
+        """x (B, N, D), mask (B, N) bool: the keys that may be attended to (default: all);
+        rope: the tokens' rotary (cos, sin), each (N, Dh/2), or None."""
+        q, k, v = einops.rearrange(self.qkv(x), "b n (three k h) -> three b n k h", three=3, k=self.heads)  # 3x(B, N, K, Dh)
+        if self.qk_norm is not None:
+            q, k = self.qk_norm(q, k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = attention(q, k, v, mask=mask, implementation=self.implementation)  # (B, N, K, Dh)
         return self.proj(einops.rearrange(out, "b n k h -> b n (k h)"))  # (B, N, D)
 
 
 class CrossAttention(nnx.Module):
     """Video tokens attend to the valid text tokens."""
 
-    def __init__(self, width: int, heads: int, text_dim: int, *, implementation: str, dtype, rngs: nnx.Rngs):
+    def __init__(self, width: int, heads: int, text_dim: int, *, implementation: str, qk_norm: bool = False, dtype,
+                 rngs: nnx.Rngs):
         self.heads, self.implementation = heads, implementation
         self.q = nnx.Linear(width, width, kernel_init=xavier, dtype=dtype, rngs=rngs)
         self.kv = nnx.Linear(text_dim, 2 * width, kernel_init=xavier, dtype=dtype, rngs=rngs)
         self.proj = nnx.Linear(width, width, kernel_init=xavier, dtype=dtype, rngs=rngs)
+        self.qk_norm = nnx.data(QKNorm(width // heads, dtype=dtype, rngs=rngs) if qk_norm else None)
 
     def __call__(self, x: jax.Array, text: jax.Array, text_mask: jax.Array) -> jax.Array:
         q = einops.rearrange(self.q(x), "b n (k h) -> b n k h", k=self.heads)  # (B, N, K, Dh)
         k, v = einops.rearrange(self.kv(text), "b l (two k h) -> two b l k h", two=2, k=self.heads)  # 2x(B, L, K, Dh)
+        if self.qk_norm is not None:
+            q, k = self.qk_norm(q, k)
         out = attention(q, k, v, mask=text_mask, implementation=self.implementation)  # (B, N, K, Dh)
         return self.proj(einops.rearrange(out, "b n k h -> b n (k h)"))  # (B, N, D)
 
@@ -78,15 +101,17 @@ class DiTBlock(nnx.Module):
 
     def __init__(
         self, width: int, heads: int, mlp_ratio: float, *, text_dim: int = 0, attention: str = "auto",
-        dtype=jnp.float32, rngs: nnx.Rngs,
+        qk_norm: bool = False, dtype=jnp.float32, rngs: nnx.Rngs,
     ):
         self.norm1 = layer_norm(width, dtype, rngs)
-        self.attn = SelfAttention(width, heads, implementation=attention, dtype=dtype, rngs=rngs)
+        self.attn = SelfAttention(width, heads, implementation=attention, qk_norm=qk_norm, dtype=dtype, rngs=rngs)
         self.norm2 = layer_norm(width, dtype, rngs)
         self.mlp = Mlp(width, int(width * mlp_ratio), dtype=dtype, rngs=rngs)
         if text_dim:
             self.norm_cross = layer_norm(width, dtype, rngs)
-            self.cross = CrossAttention(width, heads, text_dim, implementation=attention, dtype=dtype, rngs=rngs)
+            self.cross = CrossAttention(
+                width, heads, text_dim, implementation=attention, qk_norm=qk_norm, dtype=dtype, rngs=rngs
+            )
         else:
             self.cross = None
         # adaLN-Zero: the modulation starts at zero, so every gate is 0 and the block starts as the identity.
@@ -94,11 +119,13 @@ class DiTBlock(nnx.Module):
         self.modulation = nnx.Linear(width, chunks * width, kernel_init=zeros, dtype=dtype, rngs=rngs)
 
     def __call__(
-        self, x: jax.Array, c: jax.Array, text: jax.Array | None = None, text_mask: jax.Array | None = None
+        self, x: jax.Array, c: jax.Array, text: jax.Array | None = None, text_mask: jax.Array | None = None,
+        rope=None,
     ) -> jax.Array:
+        """x (B, N, D), c (B, D), text (B, L, E), text_mask (B, L); rope: rotary (cos, sin) (N, Dh/2) or None."""
         mods = jnp.split(self.modulation(nnx.silu(c)), 9 if self.cross is not None else 6, axis=-1)  # each (B, D)
         shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp = mods[:6]
-        x = x + gate_attn[:, None] * self.attn(modulate(self.norm1(x), shift_attn, scale_attn))  # (B, N, D)
+        x = x + gate_attn[:, None] * self.attn(modulate(self.norm1(x), shift_attn, scale_attn), rope=rope)  # (B, N, D)
         if self.cross is not None:
             shift_cross, scale_cross, gate_cross = mods[6:]
             h = modulate(self.norm_cross(x), shift_cross, scale_cross)  # (B, N, D)

@@ -29,6 +29,9 @@ DATA_SOURCES = ("shapes", "folder", "cache")
 # kernel, on a single-device TPU when the sequence lengths are multiples of 128; XLA everywhere
 # else. The rules are jaxdit.attention.resolve_implementation's.
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
+# How tokens know where they are: fixed 3-D sin-cos embeddings added to the tokens (DiT; what its
+# imported checkpoints need), or 3-D rotary angles inside self-attention (Wan, HunyuanVideo, Open-Sora 2.0).
+POSITIONS = ("sincos", "rope")
 # What a block keeps for the backward pass: everything, nothing (recompute the block),
 # or only the matmul outputs.
 REMAT_POLICIES = ("none", "full", "dots")
@@ -116,10 +119,23 @@ class ModelConfig:
     # XLA compiles one block instead of `depth`. Parameters are stored under another name
     # (`stacked_blocks`); `jaxdit.model.stack_blocks` converts an unrolled model's state.
     scan_layers: bool = False
+    positions: str = "sincos"  # one of POSITIONS
+    qk_norm: bool = False  # RMSNorm of queries and keys in every attention
+    # In training, each sample hides a fraction U(0, token_mask_ratio) of its video tokens behind a
+    # learned mask embedding (MDT / MaskDiT): their prediction must come from the other tokens,
+    # which teaches the model how the tokens of one clip depend on each other. 0: off.
+    token_mask_ratio: float = 0.0
 
     def __post_init__(self):
         (width, _, heads), _ = parse_variant(self.variant)
         _check_choice("model.dtype", self.dtype, DTYPES)
+        _check_choice("model.positions", self.positions, POSITIONS)
+        if not 0.0 <= self.token_mask_ratio < 1.0:
+            raise ValueError(f"model.token_mask_ratio must be in [0, 1), got {self.token_mask_ratio}.")
+        if self.positions == "rope" and ((width // heads) % 2 or width // heads < 6):
+            raise ValueError(
+                f"model.positions='rope' needs an even head width of at least 6; {self.variant} has {width // heads}."
+            )
         _check_choice("model.attention", self.attention, ATTENTION_IMPLEMENTATIONS)
         _check_choice("model.remat", self.remat, REMAT_POLICIES)
         _check_minimums("model", self, in_channels=1, frequency_dim=1, num_classes=0, text_dim=0)
@@ -344,12 +360,15 @@ class SampleConfig:
     prompts: tuple[str, ...] = ()  # train.py writes videos of these; on the command line: "a ...;a ..."
     num_samples: int = 1  # samples of each prompt in train.py's videos
     every: int = 0  # steps between train.py's videos; 0: only at the end of training
+    # Built-in shapes only: at each of those steps also generate this many fixed one-object prompts
+    # (jaxdit.data.judge.one_object_prompts), judge them and log the pass rates (adherence/colour, ...).
+    judge_prompts: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "prompts", tuple(self.prompts))  # a list after a JSON round trip
         if self.sampler:
             _check_choice("sample.sampler", self.sampler, sum(SAMPLERS.values(), ()))
-        _check_minimums("sample", self, steps=1, num_samples=1, every=0, guidance_channels=0)
+        _check_minimums("sample", self, steps=1, num_samples=1, every=0, guidance_channels=0, judge_prompts=0)
         if self.eta < 0 or self.cfg_scale < 0 or self.fps <= 0:
             raise ValueError("sample.eta and sample.cfg_scale must be >= 0 and sample.fps positive.")
 
@@ -372,6 +391,11 @@ class Config:
     def __post_init__(self):
         _check_choice("task", self.task, TASKS)
         check_sampler(self.sample.sampler, self.diffusion.process)
+        if self.sample.judge_prompts and self.data.source != "shapes":
+            raise ValueError(
+                "sample.judge_prompts judges prompts of the built-in moving shapes (data.source='shapes'); "
+                "set --sample.judge_prompts 0 for other data."
+            )
         if self.diffusion.process == "flow" and self.model.learn_sigma:
             raise ValueError("model.learn_sigma is DDPM's learned variance: a flow run (diffusion.process='flow') has none.")
         if self.sample.guidance_channels > self.model.in_channels:

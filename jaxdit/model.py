@@ -13,7 +13,7 @@ from flax import nnx
 from jaxdit.blocks import DiTBlock, FinalLayer
 from jaxdit.config import ModelConfig
 from jaxdit.embed import LabelEmbedder, PooledTextEmbedder, TimestepEmbedder
-from jaxdit.patch import grid_shape, patchify, sincos_3d, unpatchify
+from jaxdit.patch import grid_shape, patchify, rope_3d, sincos_3d, unpatchify
 
 _REMAT_POLICIES = {
     "full": None,  # keep only the block's inputs; recompute the rest in the backward pass
@@ -47,9 +47,14 @@ class VideoDiT(nnx.Module):
 
         def make_block(rngs: nnx.Rngs) -> DiTBlock:
             return DiTBlock(
-                width, config.heads, config.mlp_ratio, text_dim=cross_dim, attention=config.attention, dtype=dtype,
-                rngs=rngs,
+                width, config.heads, config.mlp_ratio, text_dim=cross_dim, attention=config.attention,
+                qk_norm=config.qk_norm, dtype=dtype, rngs=rngs,
             )
+
+        if config.token_mask_ratio:
+            # What a hidden token shows the blocks (with its position): learned, starting at zero.
+            self.mask_token = nnx.Param(jnp.zeros((width,), jnp.float32))
+            self.mask_rng = nnx.RngStream(rngs.dropout(), tag="dropout")  # reseeded every train step
 
         if config.scan_layers:
             # One DiTBlock whose parameters have a leading depth axis: the constructor vmapped over
@@ -81,7 +86,13 @@ class VideoDiT(nnx.Module):
         dtype = jnp.dtype(cfg.dtype)
 
         tokens = self.patch_embed(patchify(x.astype(dtype), cfg.patch))  # (B, N, D)
-        tokens = tokens + jnp.asarray(sincos_3d(cfg.width, grid), dtype)  # (B, N, D)
+        if train and cfg.token_mask_ratio:
+            tokens = self._hide_tokens(tokens)  # (B, N, D)
+        rope = None
+        if cfg.positions == "rope":
+            rope = tuple(jnp.asarray(a) for a in rope_3d(cfg.width // cfg.heads, grid))  # 2x (N, Dh/2)
+        else:
+            tokens = tokens + jnp.asarray(sincos_3d(cfg.width, grid), dtype)  # (B, N, D)
 
         c = self.t_embed(t)  # (B, D)
         if self.label_embed is not None:
@@ -91,24 +102,32 @@ class VideoDiT(nnx.Module):
 
         cross_text = (text, text_mask) if cfg.has_text and cfg.cross_attention else (None, None)
         if cfg.scan_layers:
-            tokens = self._scan_blocks(tokens, c, *cross_text)  # (B, N, D)
+            tokens = self._scan_blocks(tokens, c, *cross_text, rope)  # (B, N, D)
         else:
             for block in self.blocks:
-                tokens = self._run_block(block, tokens, c, *cross_text)  # (B, N, D)
+                tokens = self._run_block(block, tokens, c, *cross_text, rope)  # (B, N, D)
 
         out = self.final(tokens, c)  # (B, N, P_out)
         return unpatchify(out.astype(jnp.float32), cfg.patch, grid)  # (B, T, H, W, C_out)
 
-    def _scan_blocks(self, tokens, c, text, text_mask):
+    def _hide_tokens(self, tokens: jax.Array) -> jax.Array:
+        """(B, N, D) -> the same with each sample's tokens hidden (the mask token) with probability U(0, ratio)."""
+        key = jax.random.fold_in(self.mask_rng(), 1)  # apart from the label dropout, reseeded with the same key
+        ratio_key, token_key = jax.random.split(key)
+        ratio = self.config.token_mask_ratio * jax.random.uniform(ratio_key, (tokens.shape[0], 1))  # (B, 1)
+        hidden = jax.random.uniform(token_key, tokens.shape[:2]) < ratio  # (B, N)
+        return jnp.where(hidden[..., None], self.mask_token.astype(tokens.dtype), tokens)  # (B, N, D)
+
+    def _scan_blocks(self, tokens, c, text, text_mask, rope):
         """The stacked blocks in order, one layer's parameters per scan step; remat applies per block."""
-        step = lambda tokens, block: self._run_block(block, tokens, c, text, text_mask)  # (B, N, D)
+        step = lambda tokens, block: self._run_block(block, tokens, c, text, text_mask, rope)  # (B, N, D)
         return nnx.scan(step, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(tokens, self.stacked_blocks)
 
-    def _run_block(self, block, tokens, c, text, text_mask):
+    def _run_block(self, block, tokens, c, text, text_mask, rope):
         if self.config.remat == "none":
-            return block(tokens, c, text, text_mask)
+            return block(tokens, c, text, text_mask, rope)
         policy = _REMAT_POLICIES[self.config.remat]
-        return nnx.remat(lambda blk, *args: blk(*args), policy=policy)(block, tokens, c, text, text_mask)
+        return nnx.remat(lambda blk, *args: blk(*args), policy=policy)(block, tokens, c, text, text_mask, rope)
 
     def _check_inputs(self, x, t, text, text_mask, label):
         """Shape and presence checks with messages that say what to pass; returns the text mask."""

@@ -1,4 +1,4 @@
-"""Spacetime patches and their fixed sin-cos positions.
+"""Spacetime patches and their positions: fixed sin-cos embeddings, or 3-D rotary angles.
 
 Axes: B batch, T frames, H height, W width, C channels, N tokens, D width of the model.
 A video (B, T, H, W, C) is cut into a grid (T', H', W') = (T/pt, H/ph, W/pw) of patches; tokens
@@ -75,3 +75,29 @@ def sincos_3d(dim: int, grid: Grid) -> np.ndarray:
     space = np.concatenate([sincos_1d(dim // 2, w), sincos_1d(dim // 2, h)], axis=1)  # (N, D)
     time = sincos_1d(dim, t) - sincos_1d(dim, np.zeros(1))  # (N, D), zero at frame 0
     return (space + time).astype(np.float32)
+
+
+def rope_axes(head_dim: int) -> tuple[int, int, int]:
+    """How many of a head's head_dim / 2 rotated pairs encode t, h and w: h and w a third each
+    (rounded down), t the rest (Wan's split)."""
+    if head_dim % 2 or head_dim < 6:
+        raise ValueError(f"3-D rotary positions need an even head width of at least 6, got {head_dim}.")
+    pairs = head_dim // 2
+    return pairs - 2 * (pairs // 3), pairs // 3, pairs // 3
+
+
+@functools.lru_cache(maxsize=32)
+def rope_3d(head_dim: int, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+    """Rotary angles of a (T', H', W') grid -> (cos, sin), each (T'*H'*W', head_dim / 2) float32, in token order.
+
+    Pair j of an axis with n pairs turns by position * 10000^(-j / n) (RoFormer's frequencies, per
+    axis as in Wan, HunyuanVideo and Open-Sora 2.0), so attention scores depend on the offsets
+    between tokens in t, h and w, not on where they are: any grid size works.
+    """
+    coords = np.meshgrid(*(np.arange(n) for n in grid), indexing="ij")  # 3x (T', H', W')
+    angles = []
+    for coord, pairs in zip(coords, rope_axes(head_dim)):
+        omega = 1.0 / _MAX_PERIOD ** (np.arange(pairs, dtype=np.float64) / pairs)  # (n,)
+        angles.append(np.einsum("m,d->md", coord.ravel().astype(np.float64), omega))  # (N, n)
+    angles = np.concatenate(angles, axis=1)  # (N, head_dim / 2)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)

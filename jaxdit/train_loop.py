@@ -23,6 +23,7 @@ from jaxdit.checkpoint import IMPORT_RECORD, Checkpointer
 from jaxdit import codec as codecs
 from jaxdit.codec import make_codec
 from jaxdit.config import Config, ConfigError
+from jaxdit.data.judge import ADHERENCE_RATES, one_object_prompts, summary
 from jaxdit.data.pipeline import make_dataset
 from jaxdit.metrics import MetricsWriter
 from jaxdit.pipeline import VideoSampler
@@ -134,7 +135,9 @@ def train(config: Config, workdir: str | pathlib.Path) -> dict:
 
         samples = CodecPreviews(config, graphdef, mesh, abstract_state, workdir, writer=writer, enabled=primary)
     else:
-        samples = _Samples(config, graphdef, codec, codec_state, mesh, abstract_state, workdir, enabled=primary)
+        samples = _Samples(
+            config, graphdef, codec, codec_state, mesh, abstract_state, workdir, writer=writer, enabled=primary
+        )
     # The run's root key never changes; a host copy outlives the state, which each step donates.
     root_rng = jax.random.wrap_key_data(np.asarray(jax.random.key_data(state.rng)))
     progress = _progress_bar(start, cfg.steps, enabled=primary)
@@ -200,36 +203,47 @@ def _check_same_run(saved: dict, config: Config, workdir: pathlib.Path) -> None:
 
 
 class _Samples:
-    """Videos of the config's `sample.prompts` from the EMA weights: workdir/samples/step_N.{mp4,png}."""
+    """Videos of the config's `sample.prompts` from the EMA weights: workdir/samples/step_N.{mp4,png};
+    with `sample.judge_prompts`, the prompt-adherence rates of that many fixed prompts, logged as metrics."""
 
     def __init__(self, config: Config, graphdef, codec, codec_state, mesh, abstract_state, workdir: pathlib.Path, *,
-                 enabled: bool):
-        self.config, self.enabled = config, enabled
+                 writer: MetricsWriter, enabled: bool):
+        self.config, self.writer, self.enabled = config, writer, enabled
         self.directory = workdir / "samples"
         shardings = jax.tree.map(lambda x: x.sharding, abstract_state.ema)
         self.sampler = VideoSampler(config, graphdef, codec, mesh, shardings, codec_state)
+        s = config.sample
+        self.shown = [p for p in s.prompts for _ in range(s.num_samples)]
+        self.judged = one_object_prompts(s.judge_prompts) if s.judge_prompts else []
 
     def _path(self, step: int, suffix: str) -> pathlib.Path:
         return self.directory / f"step_{step:07d}{suffix}"
 
     def written(self, step: int) -> bool:
-        return not self.config.sample.prompts or self._path(step, ".mp4").exists()
+        return not (self.shown or self.judged) or self._path(step, ".mp4").exists()
 
     def write(self, step: int, state) -> None:
         from jaxdit.video_io import write_videos
 
         s = self.config.sample
-        if not s.prompts:
+        if not (self.shown or self.judged):
             return
-        prompts = [p for p in s.prompts for _ in range(s.num_samples)]
-        videos = self.sampler(
-            state.ema, state.model_rngs, prompts, seed=self.config.train.seed, sampler=s.sampler, steps=s.steps,
-            eta=s.eta, cfg_scale=s.cfg_scale, num_frames=self.config.data.num_frames, size=self.config.data.size,
-        )  # (P * S, T, H, W, 3) uint8, on every process
-        if self.enabled:
-            for suffix in (".png", ".mp4"):  # the mp4 last: its presence marks the step as done
-                write_videos(self._path(step, suffix), videos, prompts, fps=s.fps, num_samples=s.num_samples)
-            log.info("step %d: sample videos of %d prompts in %s", step, len(s.prompts), self._path(step, ".mp4"))
+        videos = self.sampler(  # one program for the shown and the judged prompts
+            state.ema, state.model_rngs, self.shown + self.judged, seed=self.config.train.seed, sampler=s.sampler,
+            steps=s.steps, eta=s.eta, cfg_scale=s.cfg_scale, num_frames=self.config.data.num_frames,
+            size=self.config.data.size,
+        )  # (P * S + J, T, H, W, 3) uint8, on every process
+        if not self.enabled:
+            return
+        if self.judged:
+            rates = summary(videos[len(self.shown):], self.judged)
+            self.writer.write(step, {f"adherence/{name}": rates[name] for name in ADHERENCE_RATES})
+            log.info("step %d: prompt adherence of %d prompts: %s", step, len(self.judged),
+                     ", ".join(f"{name} {rates[name]:.2f}" for name in ADHERENCE_RATES))
+        shown, prompts = (videos[: len(self.shown)], self.shown) if self.shown else (videos, self.judged)
+        for suffix in (".png", ".mp4"):  # the mp4 last: its presence marks the step as done
+            write_videos(self._path(step, suffix), shown, prompts, fps=s.fps, num_samples=s.num_samples if self.shown else 1)
+        log.info("step %d: sample videos of %d prompts in %s", step, len(prompts), self._path(step, ".mp4"))
 
 
 class _StopRequests:

@@ -1,5 +1,6 @@
 """Flow matching: the path and its targets in closed form, the ODE samplers on Gaussian data, a flow run end to end."""
 
+import json
 import pathlib
 
 import jax
@@ -10,6 +11,7 @@ import pytest
 import sample as sample_script
 from jaxdit import flow, sampling
 from jaxdit.config import apply_overrides, load_config
+from jaxdit.data.judge import ADHERENCE_RATES
 from jaxdit.pipeline import Pipeline
 from jaxdit.train_loop import train
 from jaxdit.train_step import flow_shift
@@ -145,10 +147,21 @@ def run(tmp_path_factory):
     config = apply_overrides(load_config(ROOT / "configs" / "tiny.py"), [
         "--train.steps", "2", "--diffusion.process", "flow", "--diffusion.prediction", "x0",
         "--diffusion.time_sampling", "logit_normal", "--diffusion.shift_reference_tokens", "8",
+        "--sample.judge_prompts", "3", "--sample.steps", str(STEPS),
     ])
     metrics = train(config, workdir)
     assert np.isfinite(metrics["loss"]) and metrics["loss"] > 0
     return workdir
+
+
+def test_training_logs_the_prompt_adherence_of_its_judged_prompts(run):
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    [judged] = [r for r in records if "adherence/all" in r]
+    assert judged["step"] == 2 and all(0 <= judged[f"adherence/{name}"] <= 1 for name in ADHERENCE_RATES)
+    assert (run / "samples" / "step_0000002.mp4").is_file()  # no sample.prompts: the judged videos are shown
+    with pytest.raises(ValueError, match="judge_prompts judges prompts of the built-in moving shapes"):
+        apply_overrides(load_config(ROOT / "configs" / "tiny.py"),
+                        ["--sample.judge_prompts", "2", "--data.source", "folder", "--data.manifest", "m.csv"])
 
 
 def test_a_flow_run_samples_with_flow_and_refuses_ddpm_samplers(run):

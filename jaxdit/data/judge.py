@@ -18,9 +18,11 @@ coordinates: x is the column (left = decreasing x), y is the row (up = decreasin
 
     verdicts = judge(video, "a large red circle moving left")  # one Verdict per object
     rates = summary(videos, captions)  # {"colour": 0.9, ..., "all": 0.7, "judged": 1.0}
+    captions = one_object_prompts(64)  # the fixed prompts that benchmarks and training judge
 """
 
 import dataclasses
+import itertools
 import math
 import re
 
@@ -42,6 +44,7 @@ SMALLEST_AREA = 0.5 * min(SIZES.values()) ** 2  # a small triangle's area / fram
 
 _PALETTE = np.array(list(COLOURS.values()), np.float32) / 255  # (8, 3): a channel at 1 each: chromaticities
 _CHECKS = ("colour", "direction", "shape", "size")
+ADHERENCE_RATES = ("colour", "direction", "shape", "size", "all")  # the pass rates `summary` reports
 _OBJECT = (f"a ({'|'.join(SIZES)}) ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)}) "
            f"moving ({'|'.join(DIRECTIONS)})")
 _CAPTION = re.compile(f"{_OBJECT}(?: and {_OBJECT})*")
@@ -218,3 +221,16 @@ def summary(videos, captions) -> dict[str, float]:
     rates["all"] = float(np.mean([v.ok for v in judged])) if judged else math.nan
     rates["judged"] = len(judged) / len(verdicts) if verdicts else math.nan
     return rates
+
+
+def one_object_prompts(count: int, seed: int = 0) -> list[str]:
+    """`count` distinct one-object captions of the full grammar (2 sizes x 8 colours x 3 shapes x 4
+    directions = 192), in a fixed random order: the same prompts for the same (count, seed)."""
+    grammar = [
+        f"a {size} {colour} {shape} moving {direction}"
+        for size, colour, shape, direction in itertools.product(SIZES, COLOURS, SHAPES, DIRECTIONS)
+    ]
+    if not 1 <= count <= len(grammar):
+        raise ValueError(f"one_object_prompts: count must be in 1..{len(grammar)}, got {count}.")
+    picks = np.random.default_rng(seed).permutation(len(grammar))[:count]
+    return [grammar[i] for i in picks]
