@@ -4,7 +4,7 @@
 width 128 with a 2-block byte-level text encoder. The recipe (README, "What the default CPU run
 reaches"): flow matching that predicts the clean clip (x0, velocity loss), logit-normal times
 shifted toward noise (s = 3), and 3-D rotary positions with QK-norm, which let the tokens of one
-clip agree on one object; guidance 4. Trains on 2 CPU cores in about 13 minutes (3000 steps, ~70 samples/s).
+clip agree on one object; guidance 4. Trains on 2 CPU cores in about 11 minutes (3000 steps, ~75 samples/s).
 
 Sample videos of PROMPTS are written to runs/shapes_tiny/samples/ every 1000 steps and at the
 end, with the prompt-adherence rates of 16 fixed prompts logged beside the loss.
