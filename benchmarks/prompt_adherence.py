@@ -26,7 +26,7 @@ def main(argv=None) -> None:
 
     import jax
 
-    from jaxdit.config import check_sampler
+    from jaxdit.config import resolve_sampler
     from jaxdit.data.judge import one_object_prompts, summary
     from jaxdit.pipeline import Pipeline
 
@@ -35,7 +35,7 @@ def main(argv=None) -> None:
     defaults = pipe.config.sample
     print(f"{args.workdir} step {pipe.step}, {len(captions)} one-object prompts, {jax.device_count()} x {jax.devices()[0].device_kind}")
     print("sampler  steps   cfg   colour  motion   shape    size     all   seconds")
-    sampler = check_sampler(args.sampler or defaults.sampler, pipe.config.diffusion.process)
+    sampler = resolve_sampler(args.sampler or defaults.sampler, pipe.config.diffusion.process)
     for cfg_scale, steps in itertools.product(args.cfg_scale or [defaults.cfg_scale], args.steps or [defaults.steps]):
         kwargs = dict(steps=steps, cfg_scale=cfg_scale, sampler=sampler, seed=args.seed)
         start = time.perf_counter()

@@ -52,7 +52,7 @@ TASKS = ("dit", "codec")  # what train.py trains: the diffusion transformer, or 
 # for DDPM runs; Euler or Heun (2nd order) ODE integration for flow runs.
 SAMPLERS = {"ddpm": ("ddim", "ddpm"), "flow": ("euler", "heun")}
 
-def check_sampler(sampler: str, process: str) -> str:
+def resolve_sampler(sampler: str, process: str) -> str:
     """The sampler that runs ("": the process's default), or an error naming the process's samplers."""
     if not sampler:
         return SAMPLERS[process][0]
@@ -390,7 +390,7 @@ class Config:
 
     def __post_init__(self):
         _check_choice("task", self.task, TASKS)
-        check_sampler(self.sample.sampler, self.diffusion.process)
+        resolve_sampler(self.sample.sampler, self.diffusion.process)
         if self.sample.judge_prompts and self.data.source != "shapes":
             raise ValueError(
                 "sample.judge_prompts judges prompts of the built-in moving shapes (data.source='shapes'); "

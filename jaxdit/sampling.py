@@ -28,14 +28,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdit import diffusion, flow
-from jaxdit.config import check_sampler as _resolve
+from jaxdit.config import resolve_sampler
 
 Denoise = Callable[[jax.Array, jax.Array], jax.Array]  # (x (B, ...), t (B,)) -> output (B, ..., C or 2C)
 
 
 def check_sampler(sampler: str, steps: int, num_train_steps: int, process: str = "ddpm") -> str:
     """The sampler that runs ("": the process's default), after checking it and the step count."""
-    sampler = _resolve(sampler, process)
+    sampler = resolve_sampler(sampler, process)
     if process == "flow":
         flow.time_grid(steps)  # checks the step count
     else:
