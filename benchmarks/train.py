@@ -89,11 +89,11 @@ def run(config, *, latents: bool, steps: int, warmup: int, profile: str | None =
     import jax
 
     from jaxdit import benchmarking, flops
-    from jaxdit.codec import IdentityCodec, make_codec
+    from jaxdit.codec import IdentityCodec, frozen_codec_state, make_codec
     from jaxdit.sharding import make_mesh
     from jaxdit.train_loop import check_config, parameter_count
     from jaxdit.train_step import (
-        abstract_train_state, create_train_state, frozen_codec_state, make_train_step, model_graphdef,
+        abstract_train_state, create_train_state, make_train_step, model_graphdef,
     )
 
     if config.task != "dit":

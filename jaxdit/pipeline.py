@@ -25,11 +25,11 @@ from flax import nnx
 
 from jaxdit import sampling
 from jaxdit.checkpoint import Checkpointer
-from jaxdit.codec import make_codec, to_uint8
+from jaxdit.codec import frozen_codec_state, make_codec, to_uint8
 from jaxdit.config import Config
 from jaxdit.sharding import batch_sharding, make_mesh
 from jaxdit.text import ByteTokenizer
-from jaxdit.train_step import abstract_train_state, flow_shift, frozen_codec_state, model_graphdef
+from jaxdit.train_step import abstract_train_state, flow_shift, model_graphdef
 
 log = logging.getLogger(__name__)
 

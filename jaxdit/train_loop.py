@@ -21,7 +21,7 @@ from flax import nnx
 
 from jaxdit.checkpoint import IMPORT_RECORD, Checkpointer
 from jaxdit import codec as codecs
-from jaxdit.codec import make_codec
+from jaxdit.codec import frozen_codec_state, make_codec
 from jaxdit.config import Config, ConfigError
 from jaxdit.data.judge import ADHERENCE_RATES, one_object_prompts, summary
 from jaxdit.data.pipeline import make_dataset
@@ -29,7 +29,7 @@ from jaxdit.metrics import MetricsWriter
 from jaxdit.pipeline import VideoSampler
 from jaxdit.sharding import data_parallel_size, global_batch, make_mesh
 from jaxdit.train_step import (
-    abstract_train_state, create_train_state, frozen_codec_state, make_model, make_train_step, model_graphdef,
+    abstract_train_state, create_train_state, make_model, make_train_step, model_graphdef,
 )
 
 log = logging.getLogger(__name__)

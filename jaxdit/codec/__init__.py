@@ -116,6 +116,15 @@ def check_unchanged(path, recorded: dict, user: str) -> None:
         )
 
 
+def frozen_codec_state(codec, mesh) -> nnx.State:
+    """The codec's arrays, replicated on every device of the mesh: the frozen argument of every
+    jitted step and sampler."""
+    import jax
+
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.device_put(nnx.state(codec), replicated)
+
+
 def jitted(codec, method: str = "encode"):
     """`codec.encode` (or "decode") as one jitted function of its input; the codec's state is passed
     to the compiled program as an argument, never baked into it as constants."""
@@ -126,4 +135,4 @@ def jitted(codec, method: str = "encode"):
     return lambda x: apply(state, x)
 
 
-__all__ = ["IdentityCodec", "check_unchanged", "codec_class", "codec_directory", "describe", "jitted", "load", "make_codec", "save", "to_float", "to_uint8"]
+__all__ = ["IdentityCodec", "check_unchanged", "codec_class", "codec_directory", "describe", "frozen_codec_state", "jitted", "load", "make_codec", "save", "to_float", "to_uint8"]

@@ -130,9 +130,8 @@ def _flat(header: dict) -> dict:
 def _encoder(codec, batch_size: int):
     """uint8 videos (B, T, H, W, 3) -> latents (B, t, h, w, c), one jitted program; the batch is split over
     this process's devices when it divides evenly (the codec's state replicated on each)."""
-    from jaxdit.codec import jitted
+    from jaxdit.codec import frozen_codec_state, jitted
     from jaxdit.sharding import batch_sharding, make_mesh
-    from jaxdit.train_step import frozen_codec_state
 
     devices = jax.local_devices()
     if len(devices) == 1 or batch_size % len(devices):
