@@ -22,6 +22,8 @@ import optax
 from flax import nnx, struct
 
 from jaxdit import diffusion, flow
+from jaxdit.codec import frozen_codec_state  # noqa: F401 (what the step takes as codec_state; callers find it here too)
+from jaxdit.codec.autoencoder import VideoAutoencoder, codec_loss
 from jaxdit.config import Config, TrainConfig
 from jaxdit.denoiser import Denoiser
 from jaxdit.sharding import batch_sharding, is_stacked, state_sharding
@@ -72,8 +74,6 @@ def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
 def make_model(config: Config, *, rngs: nnx.Rngs) -> nnx.Module:
     """The model the config's task trains: the Denoiser, or the video autoencoder."""
     if config.task == "codec":
-        from jaxdit.codec.autoencoder import VideoAutoencoder
-
         return VideoAutoencoder.from_config(config.autoencoder, rngs=rngs)
     return Denoiser(config, rngs=rngs)
 
@@ -171,8 +171,6 @@ def train_step(
         # Fresh copies of the RNG streams: the loss reseeds them inside this trace (class-label dropout).
         model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, state.model_rngs))
         if config.task == "codec":
-            from jaxdit.codec.train import codec_loss
-
             return codec_loss(model, batch, rng, config=config.autoencoder)
         return diffusion_loss(model, batch, rng, config=config, codec=codec)
 
@@ -213,8 +211,3 @@ def make_train_step(config: Config, graphdef: nnx.GraphDef, codec, mesh: jax.sha
         donate_argnums=0,
     )
 
-
-def frozen_codec_state(codec, mesh: jax.sharding.Mesh) -> nnx.State:
-    """The codec's arrays, replicated on every device of the mesh: the frozen argument of every step."""
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return jax.device_put(nnx.state(codec), replicated)

@@ -9,7 +9,7 @@ each level after the first halves height and width with a strided convolution; t
 the current and earlier frames (the past is padded with copies of frame 0) and normalisation is
 per frame, so latent frame j depends only on video frames <= 2^k j, and video frame i is decoded
 from latent frames <= ceil(i / 2^k). Halving time keeps frame 0 on its own: 1 + 2n frames ->
-1 + n, so a single image is a valid 1-frame video (as in MAGVIT-v2 and Open-Sora's VAE). Trained by train.py with `task="codec"` (jaxdit.codec.train); frozen, it is a codec with the
+1 + n, so a single image is a valid 1-frame video (as in MAGVIT-v2 and Open-Sora's VAE). Trained by train.py with `task="codec"` on `codec_loss` (previews: jaxdit.codec.train); frozen, it is a codec with the
 interface of `jaxdit.codec.base`.
 """
 
@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxdit.codec.base import latent_shape, to_float
+from jaxdit.codec.base import latent_shape, psnr, to_float
+from jaxdit.config import AutoencoderConfig
 
 _TIME_KERNEL = 3  # frames each temporal convolution sees: the current one and two before
 _GROUPS = 8  # GroupNorm groups (fewer when a width does not divide)
@@ -225,3 +226,19 @@ def kl_to_standard_normal(mean: jax.Array, logvar: jax.Array) -> jax.Array:
     """KL(N(mean, exp(logvar)) || N(0, I)) summed over all but the batch axis: (B,)."""
     kl = 0.5 * (jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)  # (B, t, h, w, c)
     return kl.reshape(kl.shape[0], -1).sum(axis=1)
+
+
+def codec_loss(model, batch: dict, rng: jax.Array, *, config: AutoencoderConfig) -> tuple[jax.Array, dict]:
+    """Reconstruction (L1 or MSE) + kl_weight * KL, both per pixel value.
+
+    Stable Diffusion's VAE sums both over pixels and latents; dividing both by the same count
+    keeps its balance, so a kl_weight means the same here as there.
+    """
+    video = to_float(batch["video"])  # (B, T, H, W, 3)
+    reconstruction, mean, logvar = model(video, rng=rng)  # (B, T, H, W, 3), (B, t, h, w, c) x 2
+    error = (reconstruction - video).reshape(video.shape[0], -1)  # (B, T*H*W*3)
+    per_pixel = jnp.abs(error) if config.reconstruction == "l1" else jnp.square(error)
+    rec = per_pixel.mean(axis=1)  # (B,)
+    kl = kl_to_standard_normal(mean, logvar) / error.shape[1]  # (B,)
+    loss = (rec + config.kl_weight * kl).mean()
+    return loss, {"reconstruction": rec.mean(), "kl": kl.mean(), "psnr": psnr(reconstruction, video).mean()}

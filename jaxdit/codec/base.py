@@ -1,4 +1,4 @@
-"""What every codec shares: pixels <-> [-1, 1], shape checks, and the latent scaling.
+"""What every codec shares: pixels <-> [-1, 1], shape checks, the latent scaling, and PSNR.
 
 A codec is a `flax.nnx.Module` with
     kind: str                       its name in a codec directory's codec.json ("identity", "autoencoder", "sd_vae")
@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 PIXEL_MAX = 255.0
+PIXEL_RANGE = 2.0  # float pixels live in [-1, 1]: PSNR's peak-to-peak signal
 
 
 def to_float(video: jax.Array) -> jax.Array:
@@ -62,3 +63,9 @@ def latent_shape(video_shape, factors: tuple[int, int, int], channels: int, *, c
             )
         t = frames // ft
     return (*lead, t, height // fh, width // fw, channels)
+
+
+def psnr(reconstruction: jax.Array, video: jax.Array) -> jax.Array:
+    """Peak signal-to-noise ratio in dB of each clip (B,), for float frames in [-1, 1]."""
+    mse = jnp.square(reconstruction - video).reshape(video.shape[0], -1).mean(axis=1)  # (B,)
+    return 10.0 * jnp.log10(PIXEL_RANGE**2 / jnp.maximum(mse, 1e-10))

@@ -1,7 +1,7 @@
 """Training a video autoencoder as a codec (`task="codec"`): its loss, held-out PSNR, previews, freezing.
 
 train.py runs the same loop as for the DiT (checkpoints, resume, logging); what differs is
-`codec_loss` and what is written at each preview: `CodecPreviews.write` reconstructs held-out
+the loss (`jaxdit.codec.autoencoder.codec_loss`) and what is written at each preview: `CodecPreviews.write` reconstructs held-out
 clips with the EMA weights, logs their PSNR, writes original-vs-reconstruction videos to
 workdir/samples/, measures the latent scale on those clips and saves the frozen codec to
 workdir/codec/, which `jaxdit.codec.load(workdir)` reads and a DiT config names as
@@ -18,38 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxdit.codec.autoencoder import kl_to_standard_normal
-from jaxdit.codec.base import to_float, to_uint8
-from jaxdit.config import AutoencoderConfig, Config
+from jaxdit.codec.base import psnr, to_float, to_uint8
+from jaxdit.config import Config
 
 log = logging.getLogger(__name__)
 
-PIXEL_RANGE = 2.0  # pixels live in [-1, 1]: PSNR's peak-to-peak signal
 HELD_OUT_SEED_OFFSET = 1_000_003  # moving shapes drawn with data.seed + this are never trained on
 PREVIEW_CLIPS = 4  # held-out clips shown as original | reconstruction
 _MIN_LATENT_STD = 1e-6  # below this the latents carry nothing: the scale 1/std would be meaningless
-
-
-def psnr(reconstruction: jax.Array, video: jax.Array) -> jax.Array:
-    """Peak signal-to-noise ratio in dB of each clip (B,), for float frames in [-1, 1]."""
-    mse = jnp.square(reconstruction - video).reshape(video.shape[0], -1).mean(axis=1)  # (B,)
-    return 10.0 * jnp.log10(PIXEL_RANGE**2 / jnp.maximum(mse, 1e-10))
-
-
-def codec_loss(model, batch: dict, rng: jax.Array, *, config: AutoencoderConfig) -> tuple[jax.Array, dict]:
-    """Reconstruction (L1 or MSE) + kl_weight * KL, both per pixel value.
-
-    Stable Diffusion's VAE sums both over pixels and latents; dividing both by the same count
-    keeps its balance, so a kl_weight means the same here as there.
-    """
-    video = to_float(batch["video"])  # (B, T, H, W, 3)
-    reconstruction, mean, logvar = model(video, rng=rng)  # (B, T, H, W, 3), (B, t, h, w, c) x 2
-    error = (reconstruction - video).reshape(video.shape[0], -1)  # (B, T*H*W*3)
-    per_pixel = jnp.abs(error) if config.reconstruction == "l1" else jnp.square(error)
-    rec = per_pixel.mean(axis=1)  # (B,)
-    kl = kl_to_standard_normal(mean, logvar) / error.shape[1]  # (B,)
-    loss = (rec + config.kl_weight * kl).mean()
-    return loss, {"reconstruction": rec.mean(), "kl": kl.mean(), "psnr": psnr(reconstruction, video).mean()}
 
 
 def held_out_source(config: Config):
