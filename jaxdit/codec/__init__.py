@@ -1,29 +1,20 @@
 """Frozen codecs between videos and the latents the DiT works on (interface: `jaxdit.codec.base`).
 
-A codec directory holds a frozen codec, whatever made it:
-
-    DIR/codec.json     {"kind": ..., "spec": {...}, ...}: what to build (kind, keyword arguments), and notes
-                       such as how the latent scale was measured
-    DIR/params/        its parameters (orbax), absent for a codec without any
-
-`save` writes one (the codec trainer at the end of training, `python -m jaxdit.convert.sd_vae`),
-`load` reads one back; a codec-training run's workdir may be given for its `codec/` folder.
+A codec directory (`jaxdit.codec.directory`) holds a frozen codec, whatever made it. `save`
+writes one (the codec trainer at the end of training, `python -m jaxdit.convert.sd_vae`), `load`
+reads one back; a codec-training run's workdir may be given for its `codec/` folder.
 A codec is never trained with the DiT: its state is not in the optimizer and it is applied
 under `stop_gradient`.
 """
 
-import json
-import pathlib
-
 from flax import nnx
 
 from jaxdit.codec.base import to_float, to_uint8
+from jaxdit.codec.directory import (
+    PARAMS_DIR, RUN_CODEC_DIR, RUN_RECORD, SPEC_FILE, check_unchanged, codec_directory, describe, save,
+)
 from jaxdit.codec.identity import IdentityCodec
 from jaxdit.config import CodecConfig
-
-SPEC_FILE, PARAMS_DIR = "codec.json", "params"
-RUN_CODEC_DIR = "codec"  # a codec-training run writes its frozen codec into workdir/codec/
-RUN_RECORD = "frozen_codec.json"  # a DiT run's copy of the codec.json of the saved codec it trains on
 
 
 def codec_class(kind: str):
@@ -52,40 +43,6 @@ def make_codec(config: CodecConfig):
     return load(config.path)
 
 
-def save(codec, directory, **notes) -> pathlib.Path:
-    """Writes `codec` (structure, parameters, scale) as a codec directory; `notes` go into codec.json."""
-    import jax
-    import orbax.checkpoint as ocp
-
-    directory = pathlib.Path(directory).absolute()
-    directory.mkdir(parents=True, exist_ok=True)
-    params = nnx.state(codec, nnx.Param)
-    if jax.tree.leaves(params):
-        with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save(directory / PARAMS_DIR, nnx.to_pure_dict(params), force=True)
-    if jax.process_index() == 0:  # every process saves the parameters with orbax; one writes the JSON
-        spec = {"kind": codec.kind, "spec": codec.spec(), **notes}
-        (directory / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
-    return directory
-
-
-def codec_directory(path) -> pathlib.Path:
-    """The codec directory at `path`, or in `path/codec/` (a codec-training run), or a FileNotFoundError."""
-    path = pathlib.Path(path)
-    for candidate in (path, path / RUN_CODEC_DIR):
-        if (candidate / SPEC_FILE).is_file():
-            return candidate
-    raise FileNotFoundError(
-        f"no codec in {str(path)!r} (no {SPEC_FILE} there or in {RUN_CODEC_DIR}/): give a directory written by "
-        "a codec training run (train.py with a codec config) or by `python -m jaxdit.convert.sd_vae`."
-    )
-
-
-def describe(path) -> dict:
-    """The codec.json of the codec directory at `path`."""
-    return json.loads((codec_directory(path) / SPEC_FILE).read_text())
-
-
 def load(path):
     """The frozen codec saved at `path` (a codec directory or a codec-training run), parameters on the host."""
     import jax
@@ -102,18 +59,6 @@ def load(path):
             restored = checkpointer.restore(directory / PARAMS_DIR, target)
         nnx.replace_by_pure_dict(params, restored)
     return nnx.merge(graphdef, params, rest)
-
-
-def check_unchanged(path, recorded: dict, user: str) -> None:
-    """A ValueError when the codec at `path` is no longer the one `user` recorded (its codec.json)."""
-    current = describe(path)
-    if current != recorded:
-        changed = sorted(k for k in set(current) | set(recorded) if current.get(k) != recorded.get(k))
-        details = ", ".join(f"{k}: {recorded.get(k)!r} then, {current.get(k)!r} now" for k in changed)
-        raise ValueError(
-            f"the codec at {str(path)!r} changed since {user} used it ({details}). Latents of another codec "
-            "mean nothing to this model: restore that codec, or train the DiT again on the new one."
-        )
 
 
 def frozen_codec_state(codec, mesh) -> nnx.State:
@@ -135,4 +80,7 @@ def jitted(codec, method: str = "encode"):
     return lambda x: apply(state, x)
 
 
-__all__ = ["IdentityCodec", "check_unchanged", "codec_class", "codec_directory", "describe", "frozen_codec_state", "jitted", "load", "make_codec", "save", "to_float", "to_uint8"]
+__all__ = [
+    "PARAMS_DIR", "RUN_CODEC_DIR", "RUN_RECORD", "SPEC_FILE", "IdentityCodec", "check_unchanged", "codec_class",
+    "codec_directory", "describe", "frozen_codec_state", "jitted", "load", "make_codec", "save", "to_float", "to_uint8",
+]

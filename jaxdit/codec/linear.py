@@ -92,7 +92,7 @@ def main(argv=None) -> None:
     parser.add_argument("--num-clips", type=int, default=256, help="clips the PCA is fitted on")
     args, overrides = parser.parse_known_args(argv)
 
-    from jaxdit import codec as codecs
+    from jaxdit.codec.directory import save
     from jaxdit.config import apply_overrides, load_config
     from jaxdit.data.pipeline import make_source
 
@@ -104,7 +104,7 @@ def main(argv=None) -> None:
         codec = fit(videos, patch=args.patch, channels=args.channels)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
-    directory = codecs.save(codec, args.out, fitted_on=f"{count} clips of {args.config}")
+    directory = save(codec, args.out, fitted_on=f"{count} clips of {args.config}")
     print(
         f"linear codec ({args.patch}x{args.patch} patches, {args.channels} channels) fitted on {count} clips "
         f"into {directory}; train on it with --codec.kind saved --codec.path {args.out} "
