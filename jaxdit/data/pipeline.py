@@ -26,7 +26,7 @@ def make_source(data: DataConfig):
     """The random-access clip source the config names: `source[i] -> {"video", "caption"}`
     (a latent cache: `{"latents", "caption", "text_tokens", "text_mask"}`)."""
     if data.source == "cache":
-        from jaxdit.data.latent_cache import LatentCache
+        from jaxdit.data.cache_format import LatentCache
 
         return LatentCache(data.cache)
     if data.source == "shapes":
@@ -85,7 +85,7 @@ def make_dataset(
             f"the global batch size {global_batch_size} must divide evenly over {process_count} processes."
         )
     source = make_source(data) if source is None else source
-    from jaxdit.data.latent_cache import LatentCache
+    from jaxdit.data.cache_format import LatentCache
 
     if isinstance(source, LatentCache):  # written with this run's codec and tokenizer?
         source.check(config)

@@ -1,0 +1,157 @@
+"""A latent cache on disk (written by `jaxdit.data.latent_cache`) and `LatentCache`, its reader.
+
+Layout of a cache directory (clip i lives in shard i // shard_size):
+
+    cache.json            what was encoded: num_clips, shard_size, latent shape and dtype, the codec
+                          (config section and codec.json), the data section, text.max_length
+    shard_00000/          clips 0 .. shard_size - 1
+        latents.npy       float32 (n, t, h, w, c): codec.encode of the videos (the posterior mean)
+        text_tokens.npy   int32 (n, L): the captions, tokenised (caption dropout happens in training)
+        text_mask.npy     bool (n, L)
+        captions.json     the n captions
+        labels.npy        int32 (n,), when the source has class labels
+    shard_00001/ ...
+
+The reader checks a run's config against what the cache records (its codec, tokenizer, clip
+shape) and names what to change when they differ.
+"""
+
+import collections
+import dataclasses
+import json
+import os
+import pathlib
+
+import numpy as np
+
+from jaxdit.codec.directory import describe
+from jaxdit.config import Config, ConfigError
+
+HEADER = "cache.json"
+LATENTS, TOKENS, MASK, LABELS = "latents.npy", "text_tokens.npy", "text_mask.npy", "labels.npy"
+CAPTIONS = "captions.json"
+FORMAT = 1  # bumped when the layout changes
+LATENT_DTYPE = np.float32  # latents are stored in float32 whatever the codec computes in
+WRITE_COMMAND = "python -m jaxdit.data.latent_cache --config CONFIG --out DIR --num-clips N"
+_OPEN_SHARDS = 32  # shards a LatentCache keeps memory-mapped (each holds a few file descriptors)
+
+
+def shard_name(k: int) -> str:
+    return f"shard_{k:05d}"
+
+
+def codec_record(config: Config) -> dict:
+    """The codec as the cache records it: its config section and, for a saved codec, its codec.json."""
+    section = dataclasses.asdict(config.codec)
+    if config.codec.kind == "saved":  # as train.py records it: absolute, so it names one codec from anywhere
+        section["path"] = os.path.abspath(config.codec.path)
+    return {"config": section, "description": describe(config.codec.path) if config.codec.kind == "saved" else None}
+
+
+class LatentCache:
+    """Random access to a written cache: `cache[i]` -> {"latents": float32 (t, h, w, c), "caption": str,
+    "text_tokens": int32 (L,), "text_mask": bool (L,)} (+ "label": int). Like `ShapesDataset`, it is a
+    grain source. Shards are memory-mapped when first read; the open maps are not pickled, so the
+    cache travels to data-loader worker processes as its directory name and header.
+    """
+
+    def __init__(self, directory):
+        self.directory = str(directory)
+        path = pathlib.Path(directory)
+        if not (path / HEADER).is_file():
+            raise FileNotFoundError(
+                f"{self.directory!r} is not a latent cache (no {HEADER}): write one with `{WRITE_COMMAND}`."
+            )
+        self.info = json.loads((path / HEADER).read_text())
+        self.num_clips, self.shard_size = self.info["num_clips"], self.info["shard_size"]
+        self.latent_shape = tuple(self.info["latent_shape"])  # (t, h, w, c)
+        missing = [shard_name(k) for k in range(self.info["num_shards"]) if not (path / shard_name(k)).is_dir()]
+        if missing:
+            raise FileNotFoundError(
+                f"the latent cache {self.directory!r} is incomplete: {len(missing)} of its {self.info['num_shards']} "
+                f"shards are missing ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}). Rerun the "
+                f"command that wrote it (`{WRITE_COMMAND}` with --num-clips {self.num_clips}): it writes only the "
+                "missing shards."
+            )
+        self._open = collections.OrderedDict()  # shard -> its arrays, least recently used first
+
+    def __len__(self) -> int:
+        return self.num_clips
+
+    def __getitem__(self, i: int) -> dict:
+        i = int(i)
+        if not 0 <= i < self.num_clips:
+            raise IndexError(
+                f"latent cache index {i} is out of range: {self.directory!r} holds clips 0..{self.num_clips - 1}."
+            )
+        shard, j = self._shard(i // self.shard_size), i % self.shard_size
+        clip = {
+            "latents": np.array(shard[LATENTS][j]),  # (t, h, w, c), copied out of the memory map
+            "caption": shard[CAPTIONS][j],
+            "text_tokens": np.array(shard[TOKENS][j]),  # (L,)
+            "text_mask": np.array(shard[MASK][j]),  # (L,)
+        }
+        if LABELS in shard:
+            clip["label"] = int(shard[LABELS][j])
+        return clip
+
+    def _shard(self, k: int) -> dict:
+        if k in self._open:
+            self._open.move_to_end(k)
+            return self._open[k]
+        path = pathlib.Path(self.directory) / shard_name(k)
+        shard = {name: np.load(path / name, mmap_mode="r") for name in (LATENTS, TOKENS, MASK, LABELS)
+                 if name != LABELS or self.info["has_labels"]}
+        shard[CAPTIONS] = json.loads((path / CAPTIONS).read_text())
+        expected = min(self.shard_size, self.num_clips - k * self.shard_size)
+        if len(shard[LATENTS]) != expected or len(shard[CAPTIONS]) != expected:
+            raise ValueError(
+                f"{path} holds {len(shard[LATENTS])} clips, not {expected}: the shard is damaged. Delete that folder "
+                "and rerun the command that wrote the cache to write it again."
+            )
+        self._open[k] = shard
+        if len(self._open) > _OPEN_SHARDS:
+            self._open.popitem(last=False)
+        return shard
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_open": collections.OrderedDict()}  # memory maps stay in their process
+
+    def check(self, config: Config) -> None:
+        """A ConfigError unless a run of `config` can train on these latents."""
+        where = f"the latent cache {self.directory!r}"
+        write = f"write a cache for this config with `{WRITE_COMMAND}`"
+        rewrite = f"or {write}"
+        recorded, current = self.info["codec"], codec_record(config)
+        if recorded["config"] != current["config"]:
+            raise ConfigError(
+                f"{where} was encoded with codec {recorded['config']} but this config has codec {current['config']}: "
+                f"train with the cache's codec (--codec.kind, --codec.path), {rewrite}."
+            )
+        if recorded["description"] != current["description"]:
+            raise ConfigError(
+                f"the codec at {config.codec.path!r} is not the one {where} was encoded with (its codec.json was "
+                f"{recorded['description']}, it is now {current['description']}): {write}."
+            )
+        if self.info["text_max_length"] != config.text.max_length:
+            raise ConfigError(
+                f"{where} holds captions tokenised to text.max_length={self.info['text_max_length']} but this config "
+                f"has text.max_length={config.text.max_length}: set --text.max_length "
+                f"{self.info['text_max_length']}, {rewrite}."
+            )
+        channels = self.latent_shape[-1]
+        if channels != config.model.in_channels:
+            raise ConfigError(
+                f"{where} holds latents of {channels} channels but this config has model.in_channels="
+                f"{config.model.in_channels}: set --model.in_channels {channels}, {rewrite}."
+            )
+        data = self.info["data"]
+        if (data["num_frames"], data["size"]) != (config.data.num_frames, config.data.size):
+            raise ConfigError(
+                f"{where} holds clips of {data['num_frames']} frames of {data['size']}x{data['size']} pixels but this "
+                f"config has data.num_frames={config.data.num_frames}, data.size={config.data.size}: set "
+                f"--data.num_frames {data['num_frames']} --data.size {data['size']}, {rewrite}."
+            )
+
+    def __repr__(self) -> str:
+        return f"LatentCache({self.directory!r}: {self.num_clips} clips of latents {self.latent_shape})"
