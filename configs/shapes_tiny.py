@@ -1,7 +1,7 @@
 """The default run: a small text-to-video model on the built-in moving shapes, in pixel space.
 
 8 frames of 32x32 pixels are cut into 2x8x8 spacetime patches (64 tokens) for a 4-block model of
-width 128 with a 2-block byte-level text encoder. The recipe (README, "What the default CPU run
+width 128 with a 2-block byte-level text encoder. The recipe (docs/quality.md, "What the default CPU run
 reaches"): flow matching that predicts the clean clip (x0, velocity loss), logit-normal times
 shifted toward noise (s = 3), and 3-D rotary positions with QK-norm, which let the tokens of one
 clip agree on one object; guidance 4. Trains on 2 CPU cores in about 11 minutes (3000 steps, ~75 samples/s).
