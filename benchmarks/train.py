@@ -57,72 +57,19 @@ def parse_args(argv):
     return args, overrides
 
 
-def synthetic_batch(config, latent_shape, *, latents: bool, mesh):
-    """A random global batch made on the devices, split over the mesh as train.py's batches are."""
-    import jax
-    import jax.numpy as jnp
-
-    from jaxdit.sharding import batch_sharding
-    from jaxdit.text import VOCAB_SIZE
-
-    b, data, model = config.train.batch_size, config.data, config.model
-
-    def make(key):
-        pixels_key, text_key, label_key = jax.random.split(key, 3)
-        if latents:
-            batch = {"latents": jax.random.normal(pixels_key, (b, *latent_shape), jnp.float32)}  # (B, T, H, W, C)
-        else:
-            shape = (b, data.num_frames, data.size, data.size, 3)
-            batch = {"video": jax.random.bits(pixels_key, shape, jnp.uint8)}  # (B, T, H, W, 3)
-        if model.has_text:
-            length = config.text.max_length
-            batch["text_tokens"] = jax.random.randint(text_key, (b, length), 0, VOCAB_SIZE, jnp.int32)  # (B, L)
-            batch["text_mask"] = jnp.ones((b, length), bool)  # (B, L): attention costs the same masked or not
-        if model.num_classes:
-            batch["label"] = jax.random.randint(label_key, (b,), 0, model.num_classes, jnp.int32)  # (B,)
-        return batch
-
-    return jax.jit(make, out_shardings=batch_sharding(mesh))(jax.random.key(config.train.seed))
-
-
 def run(config, *, latents: bool, steps: int, warmup: int, profile: str | None = None) -> dict:
     import jax
 
     from jaxdit import benchmarking, flops
-    from jaxdit.codec import IdentityCodec, frozen_codec_state, make_codec
-    from jaxdit.sharding import make_mesh
-    from jaxdit.train_loop import check_config, parameter_count
-    from jaxdit.train_step import (
-        abstract_train_state, create_train_state, make_train_step, model_graphdef,
-    )
+    from jaxdit.train_loop import parameter_count
 
-    if config.task != "dit":
-        raise ValueError("benchmarks/train.py times the DiT train step: use a DiT config (task='dit').")
-    model, data = config.model, config.data
-    mesh = make_mesh(config.train.fsdp)
-    if latents:  # the step reads latents from the batch and never calls the codec
-        codec = IdentityCodec()
-        latent_shape = (data.num_frames, data.size, data.size, model.in_channels)
-        if config.train.batch_size % mesh.size:
-            raise ValueError(f"--batch-size {config.train.batch_size} must be divisible by the {mesh.size} devices.")
-    else:
-        codec = make_codec(config.codec)
-        check_config(config, mesh, codec)
-        latent_shape = tuple(codec.latent_shape((data.num_frames, data.size, data.size, 3)))
+    setup = benchmarking.compiled_train_step(config, latents=latents)
+    compiled, state, batch, codec_state = setup["step"], setup["state"], setup["batch"], setup["codec_state"]
+    model, data, latent_shape, mesh = config.model, config.data, setup["latent_shape"], setup["mesh"]
     text_length = config.text.max_length if model.has_text else 0
-
-    graphdef = model_graphdef(config)
-    abstract_state = abstract_train_state(config, mesh)
-    state = create_train_state(config, abstract_state)
-    step_fn = make_train_step(config, graphdef, codec, mesh, abstract_state)
-    codec_state = frozen_codec_state(codec, mesh)
-    batch = synthetic_batch(config, latent_shape, latents=latents, mesh=mesh)
     root = jax.random.key(config.train.seed)
     rngs = jax.block_until_ready([jax.random.fold_in(root, i) for i in range(warmup + steps)])
 
-    start = time.perf_counter()
-    compiled = step_fn.lower(state, batch, rngs[0], codec_state).compile()
-    compile_s = time.perf_counter() - start
     times = []
     for i, rng in enumerate(rngs):
         start = time.perf_counter()
@@ -155,7 +102,7 @@ def run(config, *, latents: bool, steps: int, warmup: int, profile: str | None =
         "scan_layers": model.scan_layers,
         "params": parameter_count(state.params),
         "flops_per_sample": flops_per_sample,
-        "compile_s": compile_s,
+        "compile_s": setup["compile_s"],
         "step_time_s": step_time,
         "step_time_min_s": min(times),
         "step_time_max_s": max(times),

@@ -1,6 +1,7 @@
-"""What the speed benchmarks (benchmarks/train.py, benchmarks/sample.py) share: the config from a
-file, named flags and overrides; what a measured rate means on the devices (TFLOP/s, MFU, peak
-memory); a record printed as a table and appended as one JSON line. Figures are printed, never asserted.
+"""What the speed benchmarks (benchmarks/train.py, benchmarks/sample.py, benchmarks/compare_torch.py)
+share: the config from a file, named flags and overrides; the compiled train step on a synthetic
+batch; what a measured rate means on the devices (TFLOP/s, MFU, peak memory); a record printed as
+a table and appended as one JSON line. Figures are printed, never asserted.
 """
 
 import datetime
@@ -74,3 +75,74 @@ def report(record: dict, *, config_file: str, flags: list[str], out: str | None)
         with pathlib.Path(out).open("a") as file:
             file.write(json.dumps(record) + "\n")
     return record
+
+
+def synthetic_batch(config, latent_shape, *, latents: bool, mesh):
+    """A random global batch made on the devices, split over the mesh as train.py's batches are."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxdit.sharding import batch_sharding
+    from jaxdit.text import VOCAB_SIZE
+
+    b, data, model = config.train.batch_size, config.data, config.model
+
+    def make(key):
+        pixels_key, text_key, label_key = jax.random.split(key, 3)
+        if latents:
+            batch = {"latents": jax.random.normal(pixels_key, (b, *latent_shape), jnp.float32)}  # (B, T, H, W, C)
+        else:
+            shape = (b, data.num_frames, data.size, data.size, 3)
+            batch = {"video": jax.random.bits(pixels_key, shape, jnp.uint8)}  # (B, T, H, W, 3)
+        if model.has_text:
+            length = config.text.max_length
+            batch["text_tokens"] = jax.random.randint(text_key, (b, length), 0, VOCAB_SIZE, jnp.int32)  # (B, L)
+            batch["text_mask"] = jnp.ones((b, length), bool)  # (B, L): attention costs the same masked or not
+        if model.num_classes:
+            batch["label"] = jax.random.randint(label_key, (b,), 0, model.num_classes, jnp.int32)  # (B,)
+        return batch
+
+    return jax.jit(make, out_shardings=batch_sharding(mesh))(jax.random.key(config.train.seed))
+
+
+def compiled_train_step(config, *, latents: bool) -> dict:
+    """train.py's jitted train step for `config`, compiled ahead of time, with a fresh state, a
+    synthetic batch (`synthetic_batch`) and the frozen codec's state. With `latents` the batch holds
+    (num_frames, size, size, in_channels) latents and the step never calls a codec.
+
+    Returns {"step": compiled(state, batch, rng, codec_state) -> (state, metrics), "state", "batch",
+    "codec_state", "latent_shape", "mesh", "compile_s"}.
+    """
+    import time
+
+    import jax
+
+    from jaxdit.codec import IdentityCodec, frozen_codec_state, make_codec
+    from jaxdit.sharding import make_mesh
+    from jaxdit.train_loop import check_config
+    from jaxdit.train_step import abstract_train_state, create_train_state, make_train_step, model_graphdef
+
+    if config.task != "dit":
+        raise ValueError("the train-step benchmarks time the DiT train step: use a DiT config (task='dit').")
+    model, data = config.model, config.data
+    mesh = make_mesh(config.train.fsdp)
+    if latents:  # the step reads latents from the batch and never calls the codec
+        codec = IdentityCodec()
+        latent_shape = (data.num_frames, data.size, data.size, model.in_channels)
+        if config.train.batch_size % mesh.size:
+            raise ValueError(f"--batch-size {config.train.batch_size} must be divisible by the {mesh.size} devices.")
+    else:
+        codec = make_codec(config.codec)
+        check_config(config, mesh, codec)
+        latent_shape = tuple(codec.latent_shape((data.num_frames, data.size, data.size, 3)))
+    abstract_state = abstract_train_state(config, mesh)
+    state = create_train_state(config, abstract_state)
+    step = make_train_step(config, model_graphdef(config), codec, mesh, abstract_state)
+    codec_state = frozen_codec_state(codec, mesh)
+    batch = synthetic_batch(config, latent_shape, latents=latents, mesh=mesh)
+    start = time.perf_counter()
+    compiled = step.lower(state, batch, jax.random.key(0), codec_state).compile()
+    return {
+        "step": compiled, "state": state, "batch": batch, "codec_state": codec_state,
+        "latent_shape": latent_shape, "mesh": mesh, "compile_s": time.perf_counter() - start,
+    }

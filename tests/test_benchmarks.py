@@ -62,3 +62,17 @@ def test_sample_benchmark(tmp_path, capsys):
     assert record["guided"] and record["batch_size"] == jax.local_device_count()  # one video per device
     assert record["video_shape"] == [2, 16, 16, 3] and record["flops_per_video"] > 0
     assert record["seconds_per_video"] == pytest.approx(record["seconds_per_call"] / record["batch_size"])
+
+
+def test_compare_torch_benchmark(tmp_path, capsys):
+    pytest.importorskip("torch", reason="benchmarks/compare_torch.py needs torch: pip install -e '.[compare]'")
+    pytest.importorskip("diffusers", reason="benchmarks/compare_torch.py needs diffusers: pip install -e '.[compare]'")
+    out = tmp_path / "compare.jsonl"
+    argv = ["--preset", "tiny", "--rounds", "1", "--steps", "2", "--warmup", "0", "--out", str(out)]
+    returned = benchmark("compare_torch").main(argv)
+    keys = ("config", "device", "devices", "batch_size", "jaxdit_step_s", "torch_step_s", "speedup", "jaxdit_compile_s")
+    record = check_record(out, returned, keys, capsys.readouterr().out, "speedup")
+    assert record["speedup"] == pytest.approx(record["torch_step_s"] / record["jaxdit_step_s"])
+    # The same objective on both sides: adaLN-Zero predicts zero at first, so each first loss is E[noise^2] = 1.
+    assert record["jaxdit_first_loss"] == pytest.approx(1.0, abs=0.1)
+    assert record["torch_first_loss"] == pytest.approx(1.0, abs=0.1)

@@ -1,0 +1,191 @@
+"""jaxdit's train step against PyTorch's DiT, side by side in one run: seconds per step and their ratio.
+
+    pip install -e '.[compare]'                     # torch and diffusers, for this benchmark only
+    python benchmarks/compare_torch.py              # DiT-S/2 on 32x32x4 latents, batch 8 (DiT's 256px model, S size)
+    python benchmarks/compare_torch.py --preset default     # the default config's DiT trunk at its token count
+    python benchmarks/compare_torch.py --rounds 5 --steps 5 --out compare.jsonl
+
+Both sides train the same network on the same batch with the same objective and optimizer:
+- the network: a class-conditional DiT (adaLN-Zero, 1000 classes + null, label dropout 0.1) in
+  float32. jaxdit runs its VideoDiT of one frame; PyTorch runs diffusers' `DiTTransformer2DModel`,
+  an implementation of DiT independent of jaxdit (tests/fixtures/dit checks the two agree), with
+  DiT's zero initialisation of the adaLN modulations and the final layer. (Diffusers embeds the
+  timestep and class once per block where DiT and jaxdit embed them once: a little more work on
+  the PyTorch side, under 1% of the step at these sizes);
+- the objective: DDPM with DiT's linear schedule, a uniform step per sample, the MSE of the
+  predicted noise (no learned variance on either side);
+- the optimizer: AdamW at 1e-4 without weight decay or clipping, then an EMA of the parameters
+  (decay 0.9999), as DiT's train.py does after every step.
+jaxdit's step is train.py's (`jaxdit.train_step`), jitted once; the PyTorch step runs eagerly, as
+DiT's train.py does. Batches are random latents made once, so no data loading is timed.
+
+After compiling, one step on each side (whose losses are printed: both predict zero noise at
+first, so both are the mean squared noise, about 1) and `--warmup` steps more, the two are timed in alternating rounds of
+`--steps` steps each, so that a machine's drifts hit both alike. Prints the median seconds per
+step of each and `speedup` = PyTorch's median / jaxdit's (above 1: jaxdit is faster). Figures
+are printed, never asserted.
+"""
+
+import argparse
+import copy
+import statistics
+import time
+
+# name -> (jaxdit variant, in_channels, latent side, batch): the same trunk on both sides.
+PRESETS = {
+    "dit_s2": ("S/2", 4, 32, 8),  # DiT-S/2 at 256x256: 32x32x4 SD-VAE latents, 256 tokens
+    # configs/shapes_tiny.py's trunk (width 128, 4 blocks, 4 heads): 64 tokens of 2*8*8*3 = 384 features,
+    # here 8x8 patches of 2x2 pixels with 96 channels, at the default batch.
+    "default": ("mini/2", 96, 16, 16),
+    "tiny": ("tiny/2", 4, 8, 8),  # for the test suite
+}
+NUM_CLASSES = 1000
+LEARNING_RATE, EMA_DECAY = 1e-4, 0.9999
+
+
+def jaxdit_config(preset: str, batch_size: int):
+    from jaxdit import Config, DataConfig, DiffusionConfig, ModelConfig, TrainConfig
+
+    variant, channels, side, _ = PRESETS[preset]
+    return Config(
+        name=f"compare_{preset}",
+        model=ModelConfig(variant=variant, in_channels=channels, num_classes=NUM_CLASSES, dtype="float32"),
+        diffusion=DiffusionConfig(process="ddpm", schedule="linear", prediction="epsilon"),
+        data=DataConfig(num_frames=1, size=side),
+        train=TrainConfig(
+            batch_size=batch_size, learning_rate=LEARNING_RATE, weight_decay=0.0, grad_clip=0.0, ema_decay=EMA_DECAY,
+            warmup_steps=0,
+        ),
+    )
+
+
+def jaxdit_stepper(config):
+    """One jaxdit train step per call (waited for); the loss of the last one."""
+    import jax
+
+    from jaxdit import benchmarking
+
+    setup = benchmarking.compiled_train_step(config, latents=True)
+    compiled, batch, codec_state = setup["step"], setup["batch"], setup["codec_state"]
+    holder = {"state": setup["state"], "i": 0}
+
+    def step() -> float:
+        holder["i"] += 1
+        rng = jax.random.fold_in(jax.random.key(config.train.seed), holder["i"])
+        holder["state"], metrics = compiled(holder["state"], batch, rng, codec_state)
+        return float(jax.block_until_ready(metrics["loss"]))
+
+    return step, setup["compile_s"]
+
+
+def torch_stepper(config):
+    """One PyTorch DiT train step per call, eager, on the same shapes; the loss of the last one."""
+    import torch
+    from diffusers import DiTTransformer2DModel
+
+    model_config, data = config.model, config.data
+    width, heads = model_config.width, model_config.heads
+    torch.manual_seed(config.train.seed)
+    model = DiTTransformer2DModel(
+        num_attention_heads=heads, attention_head_dim=width // heads, in_channels=model_config.in_channels,
+        out_channels=model_config.in_channels, num_layers=model_config.depth, sample_size=data.size,
+        patch_size=model_config.patch[-1], num_embeds_ada_norm=NUM_CLASSES, norm_eps=1e-6,
+    ).train()
+    with torch.no_grad():  # DiT's initialize_weights: adaLN modulations and the final layer start at zero
+        for name, parameter in model.named_parameters():
+            if name.startswith(("proj_out_", "transformer_blocks.")) and ("proj_out" in name or "norm1.linear" in name):
+                parameter.zero_()
+    ema = copy.deepcopy(model).requires_grad_(False)
+    params, ema_params = list(model.parameters()), list(ema.parameters())
+    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=0.0)
+    schedule = config.diffusion
+    betas = torch.linspace(1e-4, 0.02, schedule.num_steps, dtype=torch.float64)  # DiT's linear schedule
+    alphas_cumprod = torch.cumprod(1 - betas, 0).float()
+    b = config.train.batch_size
+    x0 = torch.randn(b, model_config.in_channels, data.size, data.size)  # (B, C, H, W): DiT's layout
+    labels = torch.randint(0, NUM_CLASSES, (b,))
+
+    def step() -> float:
+        t = torch.randint(0, schedule.num_steps, (b,))
+        noise = torch.randn_like(x0)
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        prediction = model(x_t, timestep=t, class_labels=labels).sample  # (B, C, H, W)
+        loss = torch.mean((prediction - noise) ** 2)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():  # DiT's update_ema: ema = decay * ema + (1 - decay) * param
+            torch._foreach_mul_(ema_params, EMA_DECAY)
+            torch._foreach_add_(ema_params, params, alpha=1 - EMA_DECAY)
+        return loss.item()
+
+    return step
+
+
+def timed(step, count: int) -> list[float]:
+    times = []
+    for _ in range(count):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="dit_s2")
+    parser.add_argument("--batch-size", type=int, help="default: the preset's")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (jaxdit, then PyTorch)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per side per round")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
+    parser.add_argument("--out", help="append the figures to this JSON-lines file")
+    args = parser.parse_args(argv)
+    if min(args.rounds, args.steps) < 1 or args.warmup < 0:
+        parser.error("--rounds and --steps must be at least 1, --warmup at least 0.")
+    try:
+        import diffusers  # noqa: F401
+        import torch
+    except ImportError as error:
+        raise SystemExit(f"benchmarks/compare_torch.py needs PyTorch and diffusers: pip install -e '.[compare]' ({error})")
+
+    import jax
+
+    from jaxdit import benchmarking, flops
+
+    config = jaxdit_config(args.preset, args.batch_size or PRESETS[args.preset][3])
+    jax_step, compile_s = jaxdit_stepper(config)
+    torch_step = torch_stepper(config)
+    # adaLN-Zero predicts zero noise at first, so both first losses are the mean squared noise, about 1.
+    first_losses = {"jaxdit_first_loss": jax_step(), "torch_first_loss": torch_step()}
+    timed(jax_step, args.warmup), timed(torch_step, args.warmup)
+    jax_times, torch_times = [], []
+    for _ in range(args.rounds):
+        jax_times += timed(jax_step, args.steps)
+        torch_times += timed(torch_step, args.steps)
+    jax_s, torch_s = statistics.median(jax_times), statistics.median(torch_times)
+
+    latent_shape = (1, config.data.size, config.data.size, config.model.in_channels)
+    tokens = flops.num_tokens(config.model, latent_shape)
+    record = benchmarking.describe("compare_torch", config, jax.device_count(), tokens) | {
+        "preset": args.preset,
+        "batch_size": config.train.batch_size,
+        "tokens_per_sample": tokens,
+        "jaxdit_step_s": jax_s,
+        "jaxdit_step_min_s": min(jax_times),
+        "jaxdit_compile_s": compile_s,
+        "torch_step_s": torch_s,
+        "torch_step_min_s": min(torch_times),
+        "speedup": torch_s / jax_s,
+        **first_losses,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "rounds": args.rounds,
+        "steps_per_round": args.steps,
+    } | benchmarking.rate_figures(flops.train_flops(config.model, latent_shape, 0), config.train.batch_size / jax_s,
+                                  jax.device_count())
+    return benchmarking.report(record, config_file=f"preset {args.preset}", flags=[], out=args.out)
+
+
+if __name__ == "__main__":
+    main()
