@@ -9,8 +9,10 @@ each level after the first halves height and width with a strided convolution; t
 the current and earlier frames (the past is padded with copies of frame 0) and normalisation is
 per frame, so latent frame j depends only on video frames <= 2^k j, and video frame i is decoded
 from latent frames <= ceil(i / 2^k). Halving time keeps frame 0 on its own: 1 + 2n frames ->
-1 + n, so a single image is a valid 1-frame video (as in MAGVIT-v2 and Open-Sora's VAE). Trained by train.py with `task="codec"` on `codec_loss` (previews: jaxdit.codec.train); frozen, it is a codec with the
-interface of `jaxdit.codec.base`.
+1 + n, so a single image is a valid 1-frame video (as in MAGVIT-v2 and Open-Sora's VAE).
+
+Trained by train.py with `task="codec"` on `codec_loss` (its previews and freezing:
+`jaxdit.codec.train`); frozen, it is a codec with the interface of `jaxdit.codec.base`.
 """
 
 import math
