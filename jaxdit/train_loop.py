@@ -65,7 +65,7 @@ def check_config(config: Config, mesh: jax.sharding.Mesh, codec) -> None:
             raise ConfigError(f"data.num_frames / data.size: {error}") from None
         return
     if config.data.source == "cache":
-        from jaxdit.data.latent_cache import LatentCache
+        from jaxdit.data.cache_format import LatentCache
 
         latents = LatentCache(config.data.cache).latent_shape  # (t, h, w, c)
     else:

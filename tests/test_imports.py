@@ -24,9 +24,9 @@ def module_files() -> dict[str, pathlib.Path]:
 def imported_modules(name: str, path: pathlib.Path, modules: dict) -> set[str]:
     """The package's modules that `name` imports anywhere in its body.
 
-    `from a.b import c` is an import of a.b.c when that is a module, else of a.b. A package's
-    own submodules are not counted for importing it: Python runs a.b's __init__ before a.b.c,
-    but that is the parent's import, not a dependency a reader has to follow.
+    `from a.b import c` is an import of a.b.c when that is a module, else of a.b. Importing a.b.c
+    also runs the __init__ of a and a.b first, so those packages count too, except the ones
+    `name` itself lives in (which Python has run before it, whatever it imports).
     """
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
@@ -40,6 +40,8 @@ def imported_modules(name: str, path: pathlib.Path, modules: dict) -> set[str]:
                 base = ".".join([*anchor, base] if base else anchor)
             for alias in node.names:
                 found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base)
+    parents = {".".join(module.split(".")[:i]) for module in found for i in range(1, module.count(".") + 1)}
+    found |= {parent for parent in parents if not name.startswith(parent + ".")}
     return {module for module in found if module in modules and module != name}
 
 
@@ -82,13 +84,20 @@ def test_the_cycle_finder_finds_a_cycle():
 
 
 def test_the_graph_sees_local_and_relative_imports(tmp_path):
-    modules = {"pkg": tmp_path / "pkg/__init__.py", "pkg.a": tmp_path / "pkg/a.py", "pkg.b": tmp_path / "pkg/b.py"}
-    modules["pkg.a"].parent.mkdir()
-    modules["pkg"].write_text("")
+    files = ("pkg/__init__.py", "pkg/a.py", "pkg/b.py", "pkg/sub/__init__.py", "pkg/sub/c.py", "other.py")
+    modules = dict(zip(("pkg", "pkg.a", "pkg.b", "pkg.sub", "pkg.sub.c", "other"), (tmp_path / f for f in files)))
+    (tmp_path / "pkg/sub").mkdir(parents=True)
+    for path in modules.values():
+        path.write_text("")
     modules["pkg.a"].write_text("def f():\n    from pkg import b\n")
     modules["pkg.b"].write_text("from . import a\nfrom .a import f\n")
+    modules["other"].write_text("import pkg.sub.c as c\n")
+    modules["pkg.sub.c"].write_text("from ..a import f\n")
     assert imported_modules("pkg.a", modules["pkg.a"], modules) == {"pkg.b"}
     assert imported_modules("pkg.b", modules["pkg.b"], modules) == {"pkg.a"}
+    # Importing a submodule runs its packages' __init__ first; a module's own packages do not count.
+    assert imported_modules("other", modules["other"], modules) == {"pkg", "pkg.sub", "pkg.sub.c"}
+    assert imported_modules("pkg.sub.c", modules["pkg.sub.c"], modules) == {"pkg.a"}
 
 
 def test_no_import_cycle_in_the_package():

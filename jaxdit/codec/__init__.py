@@ -26,7 +26,7 @@ def codec_class(kind: str):
 
         return VideoAutoencoder
     if kind == "linear":
-        from jaxdit.codec.linear import LinearCodec
+        from jaxdit.codec.pca import LinearCodec
 
         return LinearCodec
     if kind == "sd_vae":

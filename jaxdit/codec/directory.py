@@ -4,8 +4,8 @@
                        such as how the latent scale was measured
     DIR/params/        its parameters (orbax), absent for a codec without any
 
-`save` writes one; `jaxdit.codec.load` builds the codec back from it. Nothing here builds a codec,
-so what only reads records (a latent cache checking which codec encoded it) needs no codec classes.
+`save` writes one; `jaxdit.codec.load` builds the codec back from it. Nothing here builds a codec
+or reads data, so a latent cache's reader can check which codec encoded it without a cycle.
 """
 
 import json

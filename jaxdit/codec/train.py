@@ -1,8 +1,8 @@
-"""Training a video autoencoder as a codec (`task="codec"`): its loss, held-out PSNR, previews, freezing.
+"""Training a video autoencoder as a codec (`task="codec"`): held-out PSNR, previews, freezing.
 
 train.py runs the same loop as for the DiT (checkpoints, resume, logging); what differs is
-the loss (`jaxdit.codec.autoencoder.codec_loss`) and what is written at each preview: `CodecPreviews.write` reconstructs held-out
-clips with the EMA weights, logs their PSNR, writes original-vs-reconstruction videos to
+the loss (`jaxdit.codec.autoencoder.codec_loss`) and what is written at each preview:
+`CodecPreviews.write` reconstructs held-out clips with the EMA weights, logs their PSNR, writes original-vs-reconstruction videos to
 workdir/samples/, measures the latent scale on those clips and saves the frozen codec to
 workdir/codec/, which `jaxdit.codec.load(workdir)` reads and a DiT config names as
 `CodecConfig(kind="saved", path=workdir)`.
