@@ -2,22 +2,27 @@
 
     pip install -e '.[compare]'                     # torch and diffusers, for this benchmark only
     python benchmarks/compare_torch.py              # DiT-S/2 on 32x32x4 latents, batch 8 (DiT's 256px model, S size)
-    python benchmarks/compare_torch.py --preset default     # the default config's DiT trunk at its token count
+    python benchmarks/compare_torch.py --preset default     # the default run's width, depth and token count
     python benchmarks/compare_torch.py --rounds 5 --steps 5 --out compare.jsonl
 
-Both sides train the same network on the same batch with the same objective and optimizer:
-- the network: a class-conditional DiT (adaLN-Zero, 1000 classes + null, label dropout 0.1) in
-  float32. jaxdit runs its VideoDiT of one frame; PyTorch runs diffusers' `DiTTransformer2DModel`,
-  an implementation of DiT independent of jaxdit (tests/fixtures/dit checks the two agree), with
-  DiT's zero initialisation of the adaLN modulations and the final layer. (Diffusers embeds the
-  timestep and class once per block where DiT and jaxdit embed them once: a little more work on
-  the PyTorch side, under 1% of the step at these sizes);
-- the objective: DDPM with DiT's linear schedule, a uniform step per sample, the MSE of the
-  predicted noise (no learned variance on either side);
+Both sides train the same network on the same batch with the same objective and optimizer, on CPU:
+- the network: a class-conditional DiT (adaLN-Zero, 1000 classes + null) in float32, with the
+  same parameters. jaxdit runs its VideoDiT of one frame; PyTorch runs diffusers'
+  `DiTTransformer2DModel`, an implementation of DiT independent of jaxdit (tests/fixtures/dit
+  checks the two agree), with DiT's zero initialisation of the adaLN modulations and the final
+  layer, and one timestep and class embedder shared by every block, as DiT's (diffusers gives each
+  block its own, and still runs it in each block: under 1% of the step at these sizes);
+- the objective: DDPM with jaxdit's linear schedule (DiT's), a uniform step per sample, labels
+  dropped to the null class with probability 0.1 once per sample, the MSE of the predicted noise
+  (no learned variance on either side);
 - the optimizer: AdamW at 1e-4 without weight decay or clipping, then an EMA of the parameters
   (decay 0.9999), as DiT's train.py does after every step.
-jaxdit's step is train.py's (`jaxdit.train_step`), jitted once; the PyTorch step runs eagerly, as
-DiT's train.py does. Batches are random latents made once, so no data loading is timed.
+jaxdit's step is train.py's (`jaxdit.train_step`), jitted once. It also does what train.py needs
+and the PyTorch loop skips: it skips non-finite updates (`optax.apply_if_finite`, and the EMA
+with them) and reports gradient and parameter norms, a few passes over the parameters. The
+PyTorch step runs eagerly, as DiT's train.py does. Batches are random latents made once, so no
+data loading is timed. `default` is the default run's width, depth, heads and token count
+(configs/shapes_tiny.py), class-conditional, without its text encoder, RoPE or QK-norm.
 
 After compiling, one step on each side (whose losses are printed: both predict zero noise at
 first, so both are the mean squared noise, about 1) and `--warmup` steps more, the two are timed in alternating rounds of
@@ -34,13 +39,14 @@ import time
 # name -> (jaxdit variant, in_channels, latent side, batch): the same trunk on both sides.
 PRESETS = {
     "dit_s2": ("S/2", 4, 32, 8),  # DiT-S/2 at 256x256: 32x32x4 SD-VAE latents, 256 tokens
-    # configs/shapes_tiny.py's trunk (width 128, 4 blocks, 4 heads): 64 tokens of 2*8*8*3 = 384 features,
-    # here 8x8 patches of 2x2 pixels with 96 channels, at the default batch.
-    "default": ("mini/2", 96, 16, 16),
+    # configs/shapes_tiny.py's width 128, 4 blocks, 4 heads and 64 tokens of 2*8*8*3 = 384 features
+    # (here 8x8 patches of 2x2 latents of 96 channels), at its batch.
+    "default": ("mini/2", 96, 16, 16),  # class-conditional: no text encoder, cross-attention, RoPE or QK-norm
     "tiny": ("tiny/2", 4, 8, 8),  # for the test suite
 }
 NUM_CLASSES = 1000
-LEARNING_RATE, EMA_DECAY = 1e-4, 0.9999
+LEARNING_RATE, EMA_DECAY, LABEL_DROPOUT = 1e-4, 0.9999, 0.1
+DIT_NORM_EPS = 1e-6  # DiT's LayerNorm eps (diffusers' default is 1e-5)
 
 
 def jaxdit_config(preset: str, batch_size: int):
@@ -49,7 +55,10 @@ def jaxdit_config(preset: str, batch_size: int):
     variant, channels, side, _ = PRESETS[preset]
     return Config(
         name=f"compare_{preset}",
-        model=ModelConfig(variant=variant, in_channels=channels, num_classes=NUM_CLASSES, dtype="float32"),
+        model=ModelConfig(
+            variant=variant, in_channels=channels, num_classes=NUM_CLASSES, class_dropout_prob=LABEL_DROPOUT,
+            dtype="float32",
+        ),
         diffusion=DiffusionConfig(process="ddpm", schedule="linear", prediction="epsilon"),
         data=DataConfig(num_frames=1, size=side),
         train=TrainConfig(
@@ -60,28 +69,31 @@ def jaxdit_config(preset: str, batch_size: int):
 
 
 def jaxdit_stepper(config):
-    """One jaxdit train step per call (waited for); the loss of the last one."""
+    """One jaxdit train step per call (waited for): the step function, its compile time, the parameter count."""
     import jax
 
     from jaxdit import benchmarking
+    from jaxdit.train_loop import parameter_count
 
     setup = benchmarking.compiled_train_step(config, latents=True)
     compiled, batch, codec_state = setup["step"], setup["batch"], setup["codec_state"]
-    holder = {"state": setup["state"], "i": 0}
+    keys = iter(jax.random.split(jax.random.key(config.train.seed), 10_000))  # made before any step is timed
+    holder = {"state": setup["state"]}
 
     def step() -> float:
-        holder["i"] += 1
-        rng = jax.random.fold_in(jax.random.key(config.train.seed), holder["i"])
-        holder["state"], metrics = compiled(holder["state"], batch, rng, codec_state)
+        holder["state"], metrics = compiled(holder["state"], batch, next(keys), codec_state)
         return float(jax.block_until_ready(metrics["loss"]))
 
-    return step, setup["compile_s"]
+    return step, setup["compile_s"], parameter_count(setup["state"].params)
 
 
 def torch_stepper(config):
-    """One PyTorch DiT train step per call, eager, on the same shapes; the loss of the last one."""
+    """One PyTorch DiT train step per call, eager, on the same shapes: the step function, the parameter count."""
+    import numpy as np
     import torch
     from diffusers import DiTTransformer2DModel
+
+    from jaxdit.diffusion import make_schedule
 
     model_config, data = config.model, config.data
     width, heads = model_config.width, model_config.heads
@@ -89,8 +101,12 @@ def torch_stepper(config):
     model = DiTTransformer2DModel(
         num_attention_heads=heads, attention_head_dim=width // heads, in_channels=model_config.in_channels,
         out_channels=model_config.in_channels, num_layers=model_config.depth, sample_size=data.size,
-        patch_size=model_config.patch[-1], num_embeds_ada_norm=NUM_CLASSES, norm_eps=1e-6,
+        patch_size=model_config.patch[-1], num_embeds_ada_norm=NUM_CLASSES, norm_eps=DIT_NORM_EPS,
     ).train()
+    shared = model.transformer_blocks[0].norm1.emb  # DiT's one timestep + class embedder, for every block
+    shared.class_embedder.dropout_prob = 0.0  # labels are dropped once per sample in `step`, as jaxdit does
+    for block in model.transformer_blocks[1:]:
+        block.norm1.emb = shared
     with torch.no_grad():  # DiT's initialize_weights: adaLN modulations and the final layer start at zero
         for name, parameter in model.named_parameters():
             if name.startswith(("proj_out_", "transformer_blocks.")) and ("proj_out" in name or "norm1.linear" in name):
@@ -98,19 +114,21 @@ def torch_stepper(config):
     ema = copy.deepcopy(model).requires_grad_(False)
     params, ema_params = list(model.parameters()), list(ema.parameters())
     optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=0.0)
-    schedule = config.diffusion
-    betas = torch.linspace(1e-4, 0.02, schedule.num_steps, dtype=torch.float64)  # DiT's linear schedule
-    alphas_cumprod = torch.cumprod(1 - betas, 0).float()
+    num_steps = config.diffusion.num_steps
+    schedule = make_schedule(config.diffusion.schedule, num_steps)  # the one jaxdit trains with
+    alphas_cumprod = torch.from_numpy(np.array(schedule.alphas_cumprod, np.float32))
     b = config.train.batch_size
     x0 = torch.randn(b, model_config.in_channels, data.size, data.size)  # (B, C, H, W): DiT's layout
     labels = torch.randint(0, NUM_CLASSES, (b,))
 
     def step() -> float:
-        t = torch.randint(0, schedule.num_steps, (b,))
+        t = torch.randint(0, num_steps, (b,))
         noise = torch.randn_like(x0)
+        dropped = torch.rand(b) < LABEL_DROPOUT
+        y = torch.where(dropped, NUM_CLASSES, labels)  # the null class
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        prediction = model(x_t, timestep=t, class_labels=labels).sample  # (B, C, H, W)
+        prediction = model(x_t, timestep=t, class_labels=y).sample  # (B, C, H, W)
         loss = torch.mean((prediction - noise) ** 2)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -120,7 +138,7 @@ def torch_stepper(config):
             torch._foreach_add_(ema_params, params, alpha=1 - EMA_DECAY)
         return loss.item()
 
-    return step
+    return step, sum(p.numel() for p in params)
 
 
 def timed(step, count: int) -> list[float]:
@@ -147,15 +165,18 @@ def main(argv=None) -> dict:
         import diffusers  # noqa: F401
         import torch
     except ImportError as error:
-        raise SystemExit(f"benchmarks/compare_torch.py needs PyTorch and diffusers: pip install -e '.[compare]' ({error})")
+        raise SystemExit(f"benchmarks/compare_torch.py needs torch and diffusers: pip install -e '.[compare]' ({error})")
 
     import jax
 
     from jaxdit import benchmarking, flops
 
+    if jax.default_backend() != "cpu":
+        raise SystemExit(f"benchmarks/compare_torch.py compares CPU steps; jax runs on {jax.default_backend()} here: "
+                         "set JAX_PLATFORMS=cpu.")
     config = jaxdit_config(args.preset, args.batch_size or PRESETS[args.preset][3])
-    jax_step, compile_s = jaxdit_stepper(config)
-    torch_step = torch_stepper(config)
+    jax_step, compile_s, jax_params = jaxdit_stepper(config)
+    torch_step, torch_params = torch_stepper(config)
     # adaLN-Zero predicts zero noise at first, so both first losses are the mean squared noise, about 1.
     first_losses = {"jaxdit_first_loss": jax_step(), "torch_first_loss": torch_step()}
     timed(jax_step, args.warmup), timed(torch_step, args.warmup)
@@ -171,6 +192,8 @@ def main(argv=None) -> dict:
         "preset": args.preset,
         "batch_size": config.train.batch_size,
         "tokens_per_sample": tokens,
+        "jaxdit_params": jax_params,
+        "torch_params": torch_params,
         "jaxdit_step_s": jax_s,
         "jaxdit_step_min_s": min(jax_times),
         "jaxdit_compile_s": compile_s,
@@ -182,8 +205,9 @@ def main(argv=None) -> dict:
         "torch_threads": torch.get_num_threads(),
         "rounds": args.rounds,
         "steps_per_round": args.steps,
-    } | benchmarking.rate_figures(flops.train_flops(config.model, latent_shape, 0), config.train.batch_size / jax_s,
-                                  jax.device_count())
+    }
+    flops_per_sample = flops.train_flops(config.model, latent_shape, 0)
+    record |= benchmarking.rate_figures(flops_per_sample, config.train.batch_size / jax_s, jax.device_count())
     return benchmarking.report(record, config_file=f"preset {args.preset}", flags=[], out=args.out)
 
 

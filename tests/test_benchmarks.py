@@ -73,6 +73,7 @@ def test_compare_torch_benchmark(tmp_path, capsys):
     keys = ("config", "device", "devices", "batch_size", "jaxdit_step_s", "torch_step_s", "speedup", "jaxdit_compile_s")
     record = check_record(out, returned, keys, capsys.readouterr().out, "speedup")
     assert record["speedup"] == pytest.approx(record["torch_step_s"] / record["jaxdit_step_s"])
+    assert record["jaxdit_params"] == record["torch_params"]  # the same network on both sides
     # The same objective on both sides: adaLN-Zero predicts zero at first, so each first loss is E[noise^2] = 1.
     assert record["jaxdit_first_loss"] == pytest.approx(1.0, abs=0.1)
     assert record["torch_first_loss"] == pytest.approx(1.0, abs=0.1)
