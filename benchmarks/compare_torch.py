@@ -68,8 +68,9 @@ def jaxdit_config(preset: str, batch_size: int):
     )
 
 
-def jaxdit_stepper(config):
-    """One jaxdit train step per call (waited for): the step function, its compile time, the parameter count."""
+def jaxdit_stepper(config, count: int):
+    """One jaxdit train step per call (waited for), for up to `count` calls: the step function, and
+    `jaxdit.benchmarking.compiled_train_step`'s record with the parameter count added."""
     import jax
 
     from jaxdit import benchmarking
@@ -77,14 +78,14 @@ def jaxdit_stepper(config):
 
     setup = benchmarking.compiled_train_step(config, latents=True)
     compiled, batch, codec_state = setup["step"], setup["batch"], setup["codec_state"]
-    keys = iter(jax.random.split(jax.random.key(config.train.seed), 10_000))  # made before any step is timed
+    keys = iter(jax.random.split(jax.random.key(config.train.seed), count))  # made before any step is timed
     holder = {"state": setup["state"]}
 
     def step() -> float:
         holder["state"], metrics = compiled(holder["state"], batch, next(keys), codec_state)
         return float(jax.block_until_ready(metrics["loss"]))
 
-    return step, setup["compile_s"], parameter_count(setup["state"].params)
+    return step, setup | {"params": parameter_count(setup["state"].params)}
 
 
 def torch_stepper(config):
@@ -175,28 +176,29 @@ def main(argv=None) -> dict:
         raise SystemExit(f"benchmarks/compare_torch.py compares CPU steps; jax runs on {jax.default_backend()} here: "
                          "set JAX_PLATFORMS=cpu.")
     config = jaxdit_config(args.preset, args.batch_size or PRESETS[args.preset][3])
-    jax_step, compile_s, jax_params = jaxdit_stepper(config)
+    jax_step, setup = jaxdit_stepper(config, count=1 + args.warmup + args.rounds * args.steps)
     torch_step, torch_params = torch_stepper(config)
     # adaLN-Zero predicts zero noise at first, so both first losses are the mean squared noise, about 1.
     first_losses = {"jaxdit_first_loss": jax_step(), "torch_first_loss": torch_step()}
-    timed(jax_step, args.warmup), timed(torch_step, args.warmup)
+    timed(jax_step, args.warmup)
+    timed(torch_step, args.warmup)
     jax_times, torch_times = [], []
     for _ in range(args.rounds):
         jax_times += timed(jax_step, args.steps)
         torch_times += timed(torch_step, args.steps)
     jax_s, torch_s = statistics.median(jax_times), statistics.median(torch_times)
 
-    latent_shape = (1, config.data.size, config.data.size, config.model.in_channels)
+    latent_shape = setup["latent_shape"]
     tokens = flops.num_tokens(config.model, latent_shape)
     record = benchmarking.describe("compare_torch", config, jax.device_count(), tokens) | {
         "preset": args.preset,
         "batch_size": config.train.batch_size,
         "tokens_per_sample": tokens,
-        "jaxdit_params": jax_params,
+        "jaxdit_params": setup["params"],
         "torch_params": torch_params,
         "jaxdit_step_s": jax_s,
         "jaxdit_step_min_s": min(jax_times),
-        "jaxdit_compile_s": compile_s,
+        "jaxdit_compile_s": setup["compile_s"],
         "torch_step_s": torch_s,
         "torch_step_min_s": min(torch_times),
         "speedup": torch_s / jax_s,
