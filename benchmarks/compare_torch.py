@@ -77,12 +77,12 @@ def jaxdit_stepper(config, count: int):
     from jaxdit.train_loop import parameter_count
 
     setup = benchmarking.compiled_train_step(config, latents=True)
-    compiled, batch, codec_state = setup["step"], setup["batch"], setup["codec_state"]
+    compiled, batch, frozen = setup["step"], setup["batch"], setup["frozen"]
     keys = iter(jax.random.split(jax.random.key(config.train.seed), count))  # made before any step is timed
     holder = {"state": setup["state"]}
 
     def step() -> float:
-        holder["state"], metrics = compiled(holder["state"], batch, next(keys), codec_state)
+        holder["state"], metrics = compiled(holder["state"], batch, next(keys), *frozen)
         return float(jax.block_until_ready(metrics["loss"]))
 
     return step, setup | {"params": parameter_count(setup["state"].params)}

@@ -64,7 +64,7 @@ def run(config, *, latents: bool, steps: int, warmup: int, profile: str | None =
     from jaxdit.train_loop import parameter_count
 
     setup = benchmarking.compiled_train_step(config, latents=latents)
-    compiled, state, batch, codec_state = setup["step"], setup["state"], setup["batch"], setup["codec_state"]
+    compiled, state, batch, frozen = setup["step"], setup["state"], setup["batch"], setup["frozen"]
     model, data, latent_shape, mesh = config.model, config.data, setup["latent_shape"], setup["mesh"]
     text_length = config.text.max_length if model.has_text else 0
     root = jax.random.key(config.train.seed)
@@ -73,7 +73,7 @@ def run(config, *, latents: bool, steps: int, warmup: int, profile: str | None =
     times = []
     for i, rng in enumerate(rngs):
         start = time.perf_counter()
-        state, metrics = compiled(state, batch, rng, codec_state)
+        state, metrics = compiled(state, batch, rng, *frozen)
         jax.block_until_ready((state, metrics))
         if i >= warmup:
             times.append(time.perf_counter() - start)
@@ -81,7 +81,7 @@ def run(config, *, latents: bool, steps: int, warmup: int, profile: str | None =
     if profile:  # separate from the timed steps, which the tracer would slow
         with jax.profiler.trace(profile):
             for rng in rngs[-PROFILED_STEPS:]:
-                state, metrics = compiled(state, batch, rng, codec_state)
+                state, metrics = compiled(state, batch, rng, *frozen)
             jax.block_until_ready((state, metrics))
 
     step_time = statistics.median(times)

@@ -107,16 +107,17 @@ def synthetic_batch(config, latent_shape, *, latents: bool, mesh):
 
 def compiled_train_step(config, *, latents: bool) -> dict:
     """train.py's jitted train step for `config`, compiled ahead of time, with a fresh state, a
-    synthetic batch (`synthetic_batch`) and the frozen codec's state. With `latents` the batch holds
-    (num_frames, size, size, in_channels) latents and the step never calls a codec.
+    synthetic batch (`synthetic_batch`) and the frozen codec's and text encoder's states. With `latents`
+    the batch holds (num_frames, size, size, in_channels) latents and the step never calls a codec.
 
-    Returns {"step": compiled(state, batch, rng, codec_state) -> (state, metrics), "state", "batch",
-    "codec_state", "latent_shape", "mesh", "compile_s"}.
+    Returns {"step": compiled(state, batch, rng, *frozen) -> (state, metrics), "state", "batch",
+    "frozen": (codec_state, text_state), "latent_shape", "mesh", "compile_s"}.
     """
     import time
 
     import jax
 
+    from jaxdit import frozen_text
     from jaxdit.codec import IdentityCodec, frozen_codec_state, make_codec
     from jaxdit.sharding import make_mesh
     from jaxdit.train_loop import check_config
@@ -124,6 +125,7 @@ def compiled_train_step(config, *, latents: bool) -> dict:
 
     if config.task != "dit":
         raise ValueError("the train-step benchmarks time the DiT train step: use a DiT config (task='dit').")
+    config = frozen_text.resolve(config)
     model, data = config.model, config.data
     mesh = make_mesh(config.train.fsdp)
     if latents:  # the step reads latents from the batch and never calls the codec
@@ -137,12 +139,13 @@ def compiled_train_step(config, *, latents: bool) -> dict:
         latent_shape = tuple(codec.latent_shape((data.num_frames, data.size, data.size, 3)))
     abstract_state = abstract_train_state(config, mesh)
     state = create_train_state(config, abstract_state)
-    step = make_train_step(config, model_graphdef(config), codec, mesh, abstract_state)
-    codec_state = frozen_codec_state(codec, mesh)
+    text_encoder = frozen_text.load(config, mesh)
+    step = make_train_step(config, model_graphdef(config), codec, mesh, abstract_state, text_encoder)
+    frozen = (frozen_codec_state(codec, mesh), text_encoder[1])
     batch = synthetic_batch(config, latent_shape, latents=latents, mesh=mesh)
     start = time.perf_counter()
-    compiled = step.lower(state, batch, jax.random.key(0), codec_state).compile()
+    compiled = step.lower(state, batch, jax.random.key(0), *frozen).compile()
     return {
-        "step": compiled, "state": state, "batch": batch, "codec_state": codec_state,
+        "step": compiled, "state": state, "batch": batch, "frozen": frozen,
         "latent_shape": latent_shape, "mesh": mesh, "compile_s": time.perf_counter() - start,
     }

@@ -47,6 +47,8 @@ LR_SCHEDULES = ("constant", "cosine")  # after the linear warm-up
 # identity: the model works on pixels scaled to [-1, 1]; saved: the frozen codec in codec.path
 CODECS = ("identity", "saved")
 RECONSTRUCTION_LOSSES = ("l1", "mse")
+# byte: UTF-8 bytes and a small encoder trained with the DiT; t5: a frozen pretrained T5 / umT5 (jaxdit.t5)
+TEXT_ENCODERS = ("byte", "t5")
 TASKS = ("dit", "codec")  # what train.py trains: the diffusion transformer, or a video autoencoder (a codec)
 # Each process's samplers, its default first: DDIM (deterministic at eta 0) or ancestral DDPM
 # for DDPM runs; Euler or Heun (2nd order) ODE integration for flow runs.
@@ -212,13 +214,20 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
-    """The byte tokenizer and the trainable text encoder (its width is model.text_dim)."""
+    """The text encoder: the byte tokenizer with a small encoder trained with the DiT (its width is
+    model.text_dim), or a frozen pretrained T5 / umT5 read from a transformers folder (jaxdit.t5),
+    whose width sets model.text_dim."""
 
+    encoder: str = "byte"  # one of TEXT_ENCODERS
+    path: str = ""  # encoder="t5": the folder with config.json, the safetensors weights and the tokenizer
+    dtype: str = "auto"  # encoder="t5": its weights and computation; auto: bfloat16 on GPU / TPU, float32 on CPU
     max_length: int = 128  # tokens, BOS and EOS included: three moving-shapes objects fit
-    depth: int = 2
+    depth: int = 2  # encoder="byte": the trained encoder's blocks
     heads: int = 4
 
     def __post_init__(self):
+        _check_choice("text.encoder", self.encoder, TEXT_ENCODERS)
+        _check_choice("text.dtype", self.dtype, ("auto", *DTYPES))
         _check_minimums("text", self, max_length=3, depth=1, heads=1)
 
 

@@ -23,12 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxdit import sampling
+from jaxdit import frozen_text, sampling
 from jaxdit.checkpoint import Checkpointer
 from jaxdit.codec import frozen_codec_state, make_codec, to_uint8
 from jaxdit.config import Config
 from jaxdit.sharding import batch_sharding, make_mesh
-from jaxdit.text import ByteTokenizer
+from jaxdit.text import make_tokenizer
 from jaxdit.train_step import abstract_train_state, flow_shift, model_graphdef
 
 log = logging.getLogger(__name__)
@@ -38,18 +38,18 @@ def conditions(config: Config, prompts: list[str]) -> tuple[dict, dict]:
     """Prompts -> the model's conditioning arrays (B, ...), and the null condition of CFG.
 
     A text model reads the prompt (tokens, mask); a class-conditional model without text reads
-    it as a class index ("207"); the null condition is the empty caption and the null label.
+    it as a class index ("207"); the null condition is the empty caption (for a frozen T5 too, as
+    in Open-Sora and PixArt: its features of "") and the null label.
     """
     model = config.model
     cond, null = {}, {}
     if model.has_text:
-        tokenizer = ByteTokenizer(config.text.max_length)
-        limit = config.text.max_length - 2
+        tokenizer = make_tokenizer(config.text)
         for prompt in prompts:
-            if len(prompt.encode("utf-8")) > limit:
+            if tokenizer.count(prompt) > config.text.max_length:
                 warnings.warn(
-                    f"prompt of {len(prompt.encode('utf-8'))} bytes truncated to the model's {limit} "
-                    f"(text.max_length={config.text.max_length}): {prompt!r}", stacklevel=3,
+                    f"prompt of {tokenizer.count(prompt)} tokens truncated to the model's text.max_length="
+                    f"{config.text.max_length}: {prompt!r}", stacklevel=3,
                 )
         tokenizer.truncated = 1  # warned above; keep the tokenizer's own log quiet
         cond = tokenizer.encode_batch(prompts)  # text_tokens, text_mask (B, L)
@@ -77,13 +77,16 @@ class VideoSampler:
     """The generation program of one model over one mesh: params + prompts -> uint8 videos."""
 
     def __init__(
-        self, config: Config, graphdef: nnx.GraphDef, codec, mesh: jax.sharding.Mesh, param_shardings, codec_state=None
+        self, config: Config, graphdef: nnx.GraphDef, codec, mesh: jax.sharding.Mesh, param_shardings, codec_state=None,
+        text_encoder=None,
     ):
         self.config, self.graphdef, self.codec, self.mesh = config, graphdef, codec, mesh
         self.param_shardings = param_shardings
         self._codec_graphdef = nnx.graphdef(codec)
-        # An argument of the program, never a constant; a trainer passes the copy its step already uses.
+        # Arguments of the program, never constants; a trainer passes the copies its step already uses.
         self._codec_state = frozen_codec_state(codec, mesh) if codec_state is None else codec_state
+        # A frozen text encoder's (graphdef, state) (jaxdit.frozen_text.load); (None, empty) for the byte encoder.
+        self._text_graphdef, self._text_state = frozen_text.load(config, mesh) if text_encoder is None else text_encoder
         self._programs = {}
 
     def latent_shape(self, num_frames: int, size: int) -> tuple[int, int, int, int]:
@@ -130,7 +133,8 @@ class VideoSampler:
                 take = np.minimum(index, total - 1)
                 chunk = lambda arrays: {name: value[take] for name, value in arrays.items()}
                 inputs = (chunk(cond), chunk(null), index.astype(np.int32), np.uint32(seed), np.float32(cfg_scale))
-                out = program(params, model_rngs, self._codec_state, *_global(inputs, self.mesh))  # (b, T, H, W, 3) uint8
+                frozen = (self._codec_state, self._text_state)
+                out = program(params, model_rngs, *frozen, *_global(inputs, self.mesh))  # (b, T, H, W, 3) uint8
                 videos.append(_to_host(out)[: total - start])
             jax.effects_barrier()
         return np.concatenate(videos)
@@ -146,14 +150,17 @@ class VideoSampler:
         channels = shape[-1]
         guided_channels = config.sample.guidance_channels or channels  # checked by Config
 
-        def generate(params, model_rngs, codec_state, cond, null, index, seed, cfg_scale):
+        def generate(params, model_rngs, codec_state, text_state, cond, null, index, seed, cfg_scale):
             model = nnx.merge(graphdef, params, model_rngs)
             codec = nnx.merge(self._codec_graphdef, codec_state)
+            text_encoder = model.text_encoder
+            if self._text_graphdef is not None:  # frozen (T5)
+                text_encoder = nnx.merge(self._text_graphdef, text_state)
             if guided:  # [conditional; null] in one batch
                 cond = jax.tree.map(lambda c, n: jnp.concatenate([c, n]), cond, null)
             kwargs = {"label": cond.get("label")}
             if config.model.has_text:  # the text is encoded once, not at every step
-                text = model.text_encoder(cond["text_tokens"], cond["text_mask"])  # (B, L, E)
+                text = text_encoder(cond["text_tokens"], cond["text_mask"])  # (B, L, E)
                 kwargs |= {"text": text, "text_mask": cond["text_mask"]}
             denoise = lambda x, t: model.dit(x, t, **kwargs)
             if guided:
@@ -176,9 +183,13 @@ class VideoSampler:
 
         batched = batch_sharding(self.mesh)
         replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        text_shardings = jax.tree.map(lambda x: x.sharding, self._text_state)
         return jax.jit(
             generate,
-            in_shardings=(self.param_shardings, replicated, replicated, batched, batched, batched, replicated, replicated),
+            in_shardings=(
+                self.param_shardings, replicated, replicated, text_shardings, batched, batched, batched, replicated,
+                replicated,
+            ),
             out_shardings=batched,
         )
 
@@ -231,8 +242,15 @@ class Pipeline:
 
     @property
     def model(self):
-        """The VideoDiT (with the EMA weights); its text encoder is `denoiser.text_encoder`."""
+        """The VideoDiT (with the EMA weights); its trained text encoder is `denoiser.text_encoder` (None with
+        a frozen T5, which `text_encoder` holds)."""
         return self.denoiser.dit
+
+    @property
+    def text_encoder(self):
+        """The frozen pretrained text encoder (`jaxdit.t5.T5Encoder`) of a text.encoder="t5" run, else None."""
+        graphdef, state = self._sampler._text_graphdef, self._sampler._text_state
+        return None if graphdef is None else nnx.merge(graphdef, state)
 
     @classmethod
     def load(cls, workdir: str | pathlib.Path, *, step: int | None = None, devices=None) -> "Pipeline":
@@ -252,6 +270,7 @@ class Pipeline:
             step = latest if step is None else step
             config = Config.from_dict(checkpointer.restore_config(step))
             _check_codec_record(config, pathlib.Path(workdir))
+            frozen_text.check_run(config, pathlib.Path(workdir))
             if config.task == "codec":
                 raise ValueError(
                     f"{str(workdir)!r} trained a codec, not a DiT: load it with jaxdit.codec.load({str(workdir)!r}), "

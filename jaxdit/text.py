@@ -3,7 +3,7 @@ transformer text encoder.
 
 Axes: B batch, L text tokens, E text width, K heads.
 
-The encoder is an interface: anything that maps `(tokens (B, L) int32, mask (B, L) bool)` to
+`make_tokenizer` picks the config's tokenizer (a frozen T5's lives in jaxdit.t5). The encoder is an interface: anything that maps `(tokens (B, L) int32, mask (B, L) bool)` to
 token features `(B, L, E)` can stand in for it (a frozen pretrained encoder, or precomputed
 embeddings). The model pools the valid token features itself (masked mean) for adaLN and
 attends to them with cross-attention.
@@ -60,10 +60,24 @@ class ByteTokenizer:
         tokens, masks = zip(*map(self.encode, captions))
         return {"text_tokens": np.stack(tokens), "text_mask": np.stack(masks)}
 
+    def count(self, caption: str) -> int:
+        """Tokens of the caption, BOS and EOS included (before truncation)."""
+        return len(caption.encode("utf-8")) + 2
+
     def decode(self, tokens: np.ndarray) -> str:
         """(L,) tokens -> the caption (special tokens dropped; cut UTF-8 sequences replaced)."""
         body = [int(t) - _BYTE_OFFSET for t in np.asarray(tokens) if t >= _BYTE_OFFSET]
         return bytes(body).decode("utf-8", errors="replace")
+
+
+def make_tokenizer(text):
+    """The tokenizer of a `TextConfig`: bytes, or the T5 checkpoint's own (`jaxdit.t5.T5Tokenizer`).
+    Both give `encode(caption) -> (tokens, mask)` and `encode_batch(captions)`."""
+    if text.encoder == "t5":
+        from jaxdit.t5 import T5Tokenizer
+
+        return T5Tokenizer(text.path, max_length=text.max_length)
+    return ByteTokenizer(text.max_length)
 
 
 class _EncoderBlock(nnx.Module):

@@ -21,6 +21,7 @@ from flax import nnx
 
 from jaxdit.checkpoint import IMPORT_RECORD, Checkpointer
 from jaxdit import codec as codecs
+from jaxdit import frozen_text
 from jaxdit.codec import frozen_codec_state, make_codec
 from jaxdit.config import Config, ConfigError
 from jaxdit.data.judge import ADHERENCE_RATES, one_object_prompts, summary
@@ -100,6 +101,7 @@ def train(config: Config, workdir: str | pathlib.Path) -> dict:
         )
     if config.codec.kind == "saved":  # recorded as an absolute path, so the run loads it from anywhere
         config = dataclasses.replace(config, codec=dataclasses.replace(config.codec, path=os.path.abspath(config.codec.path)))
+    config = frozen_text.resolve(config)  # a T5 run: its absolute path, and model.text_dim from its width
     cfg = config.train
     mesh = make_mesh(cfg.fsdp)
     codec = make_codec(config.codec)
@@ -115,6 +117,7 @@ def train(config: Config, workdir: str | pathlib.Path) -> dict:
     data = iter(dataset)
     start = checkpointer.latest_step()
     _record_codec(config, workdir, resuming=start is not None, primary=primary)
+    frozen_text.record_run(config, workdir, resuming=start is not None, primary=primary)
     if start is None:
         state = create_train_state(config, abstract_state)
         start = 0
@@ -127,8 +130,13 @@ def train(config: Config, workdir: str | pathlib.Path) -> dict:
         " (the frozen codec not counted)" if config.task == "dit" else " (the codec being trained)",
         mesh.size, dict(mesh.shape),
     )
-    step_fn = make_train_step(config, graphdef, codec, mesh, abstract_state)
-    codec_state = frozen_codec_state(codec, mesh)
+    # A frozen T5 (else (None, empty)): for the step, unless a cache holds its features, and for samples.
+    sampling = config.task == "dit" and bool(config.sample.prompts or config.sample.judge_prompts)
+    text_encoder = (None, nnx.State({}))
+    if config.data.source != "cache" or sampling:
+        text_encoder = frozen_text.load(config, mesh)
+    step_fn = make_train_step(config, graphdef, codec, mesh, abstract_state, text_encoder)
+    codec_state, text_state = frozen_codec_state(codec, mesh), text_encoder[1]
     writer = MetricsWriter(workdir, enabled=primary)
     if config.task == "codec":
         from jaxdit.codec.train import CodecPreviews
@@ -136,7 +144,8 @@ def train(config: Config, workdir: str | pathlib.Path) -> dict:
         samples = CodecPreviews(config, graphdef, mesh, abstract_state, workdir, writer=writer, enabled=primary)
     else:
         samples = _Samples(
-            config, graphdef, codec, codec_state, mesh, abstract_state, workdir, writer=writer, enabled=primary
+            config, graphdef, codec, codec_state, text_encoder, mesh, abstract_state, workdir, writer=writer,
+            enabled=primary,
         )
     # The run's root key never changes; a host copy outlives the state, which each step donates.
     root_rng = jax.random.wrap_key_data(np.asarray(jax.random.key_data(state.rng)))
@@ -149,7 +158,7 @@ def train(config: Config, workdir: str | pathlib.Path) -> dict:
         with _StopRequests() as stop:
             while step < cfg.steps and not stop.requested:
                 batch = global_batch(next(data), mesh)
-                state, metrics = step_fn(state, batch, jax.random.fold_in(root_rng, step), codec_state)
+                state, metrics = step_fn(state, batch, jax.random.fold_in(root_rng, step), codec_state, text_state)
                 # Read the previous step's metrics while this one runs: the device never waits on the host.
                 if pending is not None:
                     last_metrics = _report(*pending, cfg, writer, progress, rate)
@@ -206,12 +215,12 @@ class _Samples:
     """Videos of the config's `sample.prompts` from the EMA weights: workdir/samples/step_N.{mp4,png};
     with `sample.judge_prompts`, the prompt-adherence rates of that many fixed prompts, logged as metrics."""
 
-    def __init__(self, config: Config, graphdef, codec, codec_state, mesh, abstract_state, workdir: pathlib.Path, *,
-                 writer: MetricsWriter, enabled: bool):
+    def __init__(self, config: Config, graphdef, codec, codec_state, text_encoder, mesh, abstract_state,
+                 workdir: pathlib.Path, *, writer: MetricsWriter, enabled: bool):
         self.config, self.writer, self.enabled = config, writer, enabled
         self.directory = workdir / "samples"
         shardings = jax.tree.map(lambda x: x.sharding, abstract_state.ema)
-        self.sampler = VideoSampler(config, graphdef, codec, mesh, shardings, codec_state)
+        self.sampler = VideoSampler(config, graphdef, codec, mesh, shardings, codec_state, text_encoder)
         s = config.sample
         self.shown = [p for p in s.prompts for _ in range(s.num_samples)]
         self.judged = one_object_prompts(s.judge_prompts) if s.judge_prompts else []

@@ -1,9 +1,10 @@
-"""The train state and the pure train step `(state, batch, rng, codec_state) -> (state, metrics)`.
+"""The train state and the pure train step `(state, batch, rng, codec_state, text_state) -> (state, metrics)`.
 
 One step for both tasks: the Denoiser learns the diffusion objective on latents of the frozen
 codec (`task="dit"`), or a VideoAutoencoder learns to be a codec (`task="codec"`); only the
-model and its loss differ. The frozen codec's state is an argument of the compiled step, not
-part of the train state: it is never differentiated, updated or checkpointed with the run.
+model and its loss differ. The frozen codec's state and a frozen text encoder's (T5, empty for the
+byte encoder) are arguments of the compiled step, not part of the train state: they are never
+differentiated, updated or checkpointed with the run.
 
 Shapes before memory: `abstract_train_state` traces the initialisation with `jax.eval_shape`
 and gives every array its sharding from the rules in `jaxdit.sharding`; `create_train_state`
@@ -119,8 +120,11 @@ def flow_shift(config: Config, latent_shape: tuple[int, ...]) -> float:
     return flow.resolve_shift(d.shift, d.shift_reference_tokens, math.prod(grid))
 
 
-def diffusion_loss(model, batch: dict, rng: jax.Array, *, config: Config, codec) -> tuple[jax.Array, dict]:
+def diffusion_loss(model, batch: dict, rng: jax.Array, *, config: Config, codec, text_encoder=None) -> tuple[jax.Array, dict]:
     """The DiT objective on one batch: noise the codec's latents at random times, predict, MSE (+ vb).
+
+    text_encoder: a frozen one (T5) whose features condition the model; a latent cache's stored
+    features ("text_features") stand in for it.
 
     DDPM (DiT): steps t ~ U{0..num_steps-1}, the loss on the configured target (+ vb with learn_sigma).
     Flow matching: times t in (0, 1) as configured, the network sees t * 1000, the loss on the velocity.
@@ -142,9 +146,12 @@ def diffusion_loss(model, batch: dict, rng: jax.Array, *, config: Config, codec)
         schedule = diffusion.make_schedule(d.schedule, d.num_steps)
         t = model_t = diffusion.sample_timesteps(t_rng, x0.shape[0], schedule.num_steps)  # (B,)
         x_t = diffusion.q_sample(schedule, x0, t, noise)  # (B, T, H, W, C)
+    text = batch.get("text_features")  # (B, L, E) from a cache, or None
+    if text is None and text_encoder is not None:
+        text = jax.lax.stop_gradient(text_encoder(batch["text_tokens"], batch["text_mask"]))  # (B, L, E)
     nnx.reseed(model, dropout=dropout_rng)
     prediction = model(
-        x_t, model_t, text_tokens=batch.get("text_tokens"), text_mask=batch.get("text_mask"),
+        x_t, model_t, text_tokens=batch.get("text_tokens"), text_mask=batch.get("text_mask"), text=text,
         label=batch.get("label"), train=True,
     )  # (B, T, H, W, C or 2C)
     if d.process == "flow":
@@ -157,22 +164,24 @@ def diffusion_loss(model, batch: dict, rng: jax.Array, *, config: Config, codec)
 
 
 def train_step(
-    state: TrainState, batch: dict, rng: jax.Array, codec_state: nnx.State, *,
-    graphdef: nnx.GraphDef, codec_graphdef: nnx.GraphDef, config: Config, tx,
+    state: TrainState, batch: dict, rng: jax.Array, codec_state: nnx.State, text_state: nnx.State, *,
+    graphdef: nnx.GraphDef, codec_graphdef: nnx.GraphDef, text_graphdef: nnx.GraphDef | None, config: Config, tx,
 ) -> tuple[TrainState, dict]:
     """One update of the trained model on one global batch.
 
     batch: {"video": uint8 (B, T, H, W, 3) or "latents" (B, t, h, w, c), "text_tokens", "text_mask": (B, L)
-    [, "label": (B,)]}. codec_state: the frozen codec's arrays (empty for the identity codec).
+    [, "text_features": (B, L, E) from a cache] [, "label": (B,)]}. codec_state: the frozen codec's
+    arrays (empty for the identity codec); text_state: the frozen text encoder's (empty for none).
     """
     codec = nnx.merge(codec_graphdef, codec_state)
+    text_encoder = nnx.merge(text_graphdef, text_state) if text_graphdef is not None else None
 
     def loss_fn(params):
         # Fresh copies of the RNG streams: the loss reseeds them inside this trace (class-label dropout).
         model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, state.model_rngs))
         if config.task == "codec":
             return codec_loss(model, batch, rng, config=config.autoencoder)
-        return diffusion_loss(model, batch, rng, config=config, codec=codec)
+        return diffusion_loss(model, batch, rng, config=config, codec=codec, text_encoder=text_encoder)
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -194,19 +203,28 @@ def train_step(
     return state, metrics
 
 
-def make_train_step(config: Config, graphdef: nnx.GraphDef, codec, mesh: jax.sharding.Mesh, abstract_state: TrainState):
-    """`train_step` jitted once over the mesh, with the state donated: `step(state, batch, rng, codec_state)`.
+def make_train_step(
+    config: Config, graphdef: nnx.GraphDef, codec, mesh: jax.sharding.Mesh, abstract_state: TrainState,
+    text_encoder: tuple[nnx.GraphDef | None, nnx.State] | None = None,
+):
+    """`train_step` jitted once over the mesh, with the state donated: `step(state, batch, rng, codec_state,
+    text_state)`.
 
     codec_state is `frozen_codec_state(codec, mesh)`, the codec's arrays replicated over the mesh.
+    text_encoder: `jaxdit.frozen_text.load(config, mesh)`, the frozen encoder's graphdef and the arrays the
+    step takes as text_state (keeping their shardings); the default is none (an empty text_state).
     """
+    text_graphdef, text_state = text_encoder or (None, nnx.State({}))
     state_shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     step = functools.partial(
-        train_step, graphdef=graphdef, codec_graphdef=nnx.graphdef(codec), config=config, tx=make_optimizer(config.train)
+        train_step, graphdef=graphdef, codec_graphdef=nnx.graphdef(codec), text_graphdef=text_graphdef,
+        config=config, tx=make_optimizer(config.train),
     )
+    text_shardings = jax.tree.map(lambda x: x.sharding, text_state)
     return jax.jit(
         step,
-        in_shardings=(state_shardings, batch_sharding(mesh), replicated, replicated),
+        in_shardings=(state_shardings, batch_sharding(mesh), replicated, replicated, text_shardings),
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,
     )

@@ -8,9 +8,13 @@ Layout of a cache directory (clip i lives in shard i // shard_size):
         latents.npy       float32 (n, t, h, w, c): codec.encode of the videos (the posterior mean)
         text_tokens.npy   int32 (n, L): the captions, tokenised (caption dropout happens in training)
         text_mask.npy     bool (n, L)
+        text_features.npy with a frozen text encoder (text.encoder="t5"): its bfloat16 features (n, L, E) of
+                          the captions, stored as their uint16 bit patterns, so that training never runs it
         captions.json     the n captions
         labels.npy        int32 (n,), when the source has class labels
     shard_00001/ ...
+    null_text.npz         with a frozen text encoder: tokens, mask and features of the empty caption (what a
+                          dropped caption becomes)
 
 The reader checks a run's config against what the cache records (its codec, tokenizer, clip
 shape) and names what to change when they differ.
@@ -30,6 +34,7 @@ from jaxdit.config import Config, ConfigError
 HEADER = "cache.json"
 LATENTS, TOKENS, MASK, LABELS = "latents.npy", "text_tokens.npy", "text_mask.npy", "labels.npy"
 CAPTIONS = "captions.json"
+FEATURES, NULL_TEXT = "text_features.npy", "null_text.npz"
 FORMAT = 1  # bumped when the layout changes
 LATENT_DTYPE = np.float32  # latents are stored in float32 whatever the codec computes in
 WRITE_COMMAND = "python -m jaxdit.data.latent_cache --config CONFIG --out DIR --num-clips N"
@@ -48,9 +53,23 @@ def codec_record(config: Config) -> dict:
     return {"config": section, "description": describe(config.codec.path) if config.codec.kind == "saved" else None}
 
 
+def to_bfloat16_bits(features: np.ndarray) -> np.ndarray:
+    """Features -> their bfloat16 bit patterns as uint16 (a .npy of bfloat16 needs ml_dtypes to read back)."""
+    import ml_dtypes
+
+    return np.asarray(features).astype(ml_dtypes.bfloat16).view(np.uint16)
+
+
+def from_bfloat16_bits(bits: np.ndarray) -> np.ndarray:
+    import ml_dtypes
+
+    return np.asarray(bits).view(ml_dtypes.bfloat16)
+
+
 class LatentCache:
     """Random access to a written cache: `cache[i]` -> {"latents": float32 (t, h, w, c), "caption": str,
-    "text_tokens": int32 (L,), "text_mask": bool (L,)} (+ "label": int). Like `ShapesDataset`, it is a
+    "text_tokens": int32 (L,), "text_mask": bool (L,)} (+ "text_features": bfloat16 (L, E) of a frozen
+    text encoder, + "label": int); `null_text` holds the empty caption's. Like `ShapesDataset`, it is a
     grain source. Shards are memory-mapped when first read; the open maps are not pickled, so the
     cache travels to data-loader worker processes as its directory name and header.
     """
@@ -74,6 +93,12 @@ class LatentCache:
                 "missing shards."
             )
         self._open = collections.OrderedDict()  # shard -> its arrays, least recently used first
+        self.text_encoder = self.info.get("text_encoder")  # a frozen encoder's record, or None (bytes)
+        self.null_text = None  # {"text_tokens", "text_mask", "text_features"} of the empty caption
+        if self.text_encoder is not None:
+            with np.load(path / NULL_TEXT) as null:
+                self.null_text = {"text_tokens": null["text_tokens"], "text_mask": null["text_mask"],
+                                  "text_features": from_bfloat16_bits(null["text_features"])}
 
     def __len__(self) -> int:
         return self.num_clips
@@ -91,6 +116,8 @@ class LatentCache:
             "text_tokens": np.array(shard[TOKENS][j]),  # (L,)
             "text_mask": np.array(shard[MASK][j]),  # (L,)
         }
+        if FEATURES in shard:
+            clip["text_features"] = from_bfloat16_bits(np.array(shard[FEATURES][j]))  # (L, E)
         if LABELS in shard:
             clip["label"] = int(shard[LABELS][j])
         return clip
@@ -100,8 +127,8 @@ class LatentCache:
             self._open.move_to_end(k)
             return self._open[k]
         path = pathlib.Path(self.directory) / shard_name(k)
-        shard = {name: np.load(path / name, mmap_mode="r") for name in (LATENTS, TOKENS, MASK, LABELS)
-                 if name != LABELS or self.info["has_labels"]}
+        names = [LATENTS, TOKENS, MASK] + [LABELS] * self.info["has_labels"] + [FEATURES] * bool(self.text_encoder)
+        shard = {name: np.load(path / name, mmap_mode="r") for name in names}
         shard[CAPTIONS] = json.loads((path / CAPTIONS).read_text())
         expected = min(self.shard_size, self.num_clips - k * self.shard_size)
         if len(shard[LATENTS]) != expected or len(shard[CAPTIONS]) != expected:
@@ -133,6 +160,7 @@ class LatentCache:
                 f"the codec at {config.codec.path!r} is not the one {where} was encoded with (its codec.json was "
                 f"{recorded['description']}, it is now {current['description']}): {write}."
             )
+        self._check_text_encoder(config, where, write)
         if self.info["text_max_length"] != config.text.max_length:
             raise ConfigError(
                 f"{where} holds captions tokenised to text.max_length={self.info['text_max_length']} but this config "
@@ -152,6 +180,24 @@ class LatentCache:
                 f"config has data.num_frames={config.data.num_frames}, data.size={config.data.size}: set "
                 f"--data.num_frames {data['num_frames']} --data.size {data['size']}, {rewrite}."
             )
+
+    def _check_text_encoder(self, config: Config, where: str, write: str) -> None:
+        from jaxdit import frozen_text
+
+        recorded = self.text_encoder
+        if config.text.encoder == "byte":
+            if recorded is not None:
+                raise ConfigError(
+                    f"{where} holds the features of the frozen text encoder in {recorded['path']!r} but this config "
+                    f"trains a byte text encoder: set --text.encoder t5 --text.path {recorded['path']}, or {write}."
+                )
+            return
+        if recorded is None:
+            raise ConfigError(
+                f"{where} holds byte tokens, not the features of a frozen text encoder, and this config has "
+                f"text.encoder='t5': {write}."
+            )
+        frozen_text.check_unchanged(config.text, recorded, where)
 
     def __repr__(self) -> str:
         return f"LatentCache({self.directory!r}: {self.num_clips} clips of latents {self.latent_shape})"

@@ -27,13 +27,14 @@ import jax
 import numpy as np
 from flax import nnx
 
+from jaxdit import frozen_text
 from jaxdit.config import Config, ConfigError
 from jaxdit.data.cache_format import (  # noqa: F401 (LatentCache: the reader of what this module writes)
-    CAPTIONS, FORMAT, HEADER, LABELS, LATENT_DTYPE, LATENTS, MASK, TOKENS, WRITE_COMMAND, LatentCache, codec_record,
-    shard_name,
+    CAPTIONS, FEATURES, FORMAT, HEADER, LABELS, LATENT_DTYPE, LATENTS, MASK, NULL_TEXT, TOKENS, WRITE_COMMAND,
+    LatentCache, codec_record, shard_name, to_bfloat16_bits,
 )
 from jaxdit.data.pipeline import make_source
-from jaxdit.text import ByteTokenizer
+from jaxdit.text import make_tokenizer
 
 DEFAULT_SHARD_SIZE = 1000  # clips per shard: ~256 MB of 16x32x32x4 latents, few enough files for any file system
 DEFAULT_BATCH_SIZE = 32  # clips per jitted encode call
@@ -60,6 +61,7 @@ def _header(config: Config, *, num_clips: int, shard_size: int, latent_shape, ha
         "codec": codec_record(config),
         "data": data,
         "text_max_length": config.text.max_length,
+        "text_encoder": frozen_text.record(config.text),  # None: byte tokens, encoded in training
         "has_labels": has_labels,
     }
     return json.loads(json.dumps(header))  # as it reads back: tuples become lists
@@ -112,6 +114,26 @@ def _encoder(codec, batch_size: int):
     nnx.update(codec, frozen_codec_state(codec, mesh))
     encode, split = jitted(codec), batch_sharding(mesh)
     return lambda videos: encode(jax.device_put(videos, split))
+
+
+def _text_features(config: Config, batch_size: int):
+    """(n, L) tokens and mask -> bfloat16 bits (n, L, E) of the frozen text encoder, in jitted batches of
+    `batch_size` (padded: one compile); None for the byte encoder, whose tokens are encoded in training."""
+    graphdef, state = frozen_text.load(config)
+    if graphdef is None:
+        return None
+    encode = jax.jit(lambda state, tokens, mask: nnx.merge(graphdef, state)(tokens, mask))
+
+    def features(tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        out = []
+        for start in range(0, len(tokens), batch_size):
+            chunk = slice(start, start + batch_size)
+            pad = batch_size - len(tokens[chunk])
+            padded = [np.concatenate([a[chunk], np.repeat(a[:1], pad, axis=0)]) for a in (tokens, mask)]
+            out.append(to_bfloat16_bits(encode(state, *padded))[: batch_size - pad])  # (b, L, E)
+        return np.concatenate(out)
+
+    return features
 
 
 def _encode_clips(source, indices: range, encode, batch_size: int, readers) -> tuple[np.ndarray, list[dict]]:
@@ -172,6 +194,7 @@ def write_cache(
         raise ConfigError(
             "data.source is 'cache': a latent cache is written from videos; set --data.source shapes or folder."
         )
+    config = frozen_text.resolve(config)
     if min(num_clips, shard_size, batch_size, process_count) < 1 or not 0 <= process_index < process_count:
         raise ValueError(
             f"num_clips, shard_size, batch_size and process_count must be positive and 0 <= process_index < "
@@ -197,7 +220,14 @@ def write_cache(
     mine = _shards_of(process_index, process_count, num_clips=num_clips, shard_size=shard_size)
     todo = [k for k in mine if not (directory / shard_name(k)).is_dir()]
     encode = _encoder(codec, batch_size) if todo else None
-    tokenizer = ByteTokenizer(config.text.max_length)
+    tokenizer = make_tokenizer(config.text)
+    text_features = _text_features(config, batch_size) if todo or not (directory / NULL_TEXT).is_file() else None
+    if text_features is not None and process_index == 0 and not (directory / NULL_TEXT).is_file():
+        null = tokenizer.encode_batch([""])  # what a dropped caption becomes in training
+        null["text_features"] = text_features(null["text_tokens"], null["text_mask"])
+        with open(directory / (NULL_TEXT + _TMP_SUFFIX), "wb") as file:
+            np.savez(file, **{name: value[0] for name, value in null.items()})
+        os.replace(directory / (NULL_TEXT + _TMP_SUFFIX), directory / NULL_TEXT)
     from tqdm import tqdm
 
     bar = tqdm(todo, desc=f"encoding {directory}", unit="shard", disable=not (progress and todo))
@@ -208,6 +238,8 @@ def write_cache(
             captions = [clip["caption"] for clip in clips]
             tokens = tokenizer.encode_batch(captions)  # (n, L) each
             arrays = {LATENTS: latents, TOKENS: tokens["text_tokens"], MASK: tokens["text_mask"]}
+            if text_features is not None:
+                arrays[FEATURES] = text_features(tokens["text_tokens"], tokens["text_mask"])  # (n, L, E) bits
             if header["has_labels"]:
                 arrays[LABELS] = np.array([clip["label"] for clip in clips], np.int32)  # (n,)
             _write_shard(directory, k, arrays, captions)

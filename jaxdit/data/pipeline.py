@@ -5,7 +5,7 @@ A batch is {"video": uint8 (B, T, H, W, 3), "text_tokens": int32 (B, L), "text_m
 (plus "label" (B,) when the source has class labels), B being this process's share of the
 global batch. From a latent cache (data.source="cache", `jaxdit.data.latent_cache`) the clips
 are already encoded: the batch has "latents" float32 (B, t, h, w, c) in place of "video", and
-the captions' cached tokens. The iterator's state (`get_state` / `set_state`) is small and
+the captions' cached tokens (and, with a frozen T5, its cached "text_features" (B, L, E) bfloat16). The iterator's state (`get_state` / `set_state`) is small and
 exact: a restored iterator yields the same next batch, so training resumes mid-epoch.
 """
 
@@ -15,7 +15,7 @@ import grain
 import numpy as np
 
 from jaxdit.config import Config, DataConfig
-from jaxdit.text import ByteTokenizer
+from jaxdit.text import make_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -45,20 +45,25 @@ def make_source(data: DataConfig):
 
 class PrepareClip(grain.transforms.RandomMap):
     """Drops the caption to the empty caption with probability `dropout`, then tokenises it
-    (or takes the tokens a latent cache stored). One random draw per clip either way, so a cache
-    drops the same captions as the videos it was written from."""
+    (or takes the tokens a latent cache stored, and the frozen text encoder's features: `null_text`
+    holds the empty caption's). One random draw per clip either way, so a cache drops the same
+    captions as the videos it was written from."""
 
-    def __init__(self, tokenizer: ByteTokenizer, dropout: float):
-        self.tokenizer, self.dropout = tokenizer, dropout
+    def __init__(self, tokenizer, dropout: float, null_text: dict | None = None):
+        self.tokenizer, self.dropout, self.null_text = tokenizer, dropout, null_text
 
     def random_map(self, clip: dict, rng: np.random.Generator) -> dict:
         dropped = rng.random() < self.dropout
-        if "text_tokens" in clip and not dropped:
-            tokens, mask = clip["text_tokens"], clip["text_mask"]  # (L,), (L,)
-        else:
-            tokens, mask = self.tokenizer.encode("" if dropped else clip["caption"])  # (L,), (L,)
         pixels = "latents" if "latents" in clip else "video"
-        example = {pixels: clip[pixels], "text_tokens": tokens, "text_mask": mask}
+        if "text_features" in clip:  # a cache of a frozen encoder's features
+            text = self.null_text if dropped else clip
+            example = {pixels: clip[pixels], **{k: text[k] for k in ("text_tokens", "text_mask", "text_features")}}
+        else:
+            if "text_tokens" in clip and not dropped:
+                tokens, mask = clip["text_tokens"], clip["text_mask"]  # (L,), (L,)
+            else:
+                tokens, mask = self.tokenizer.encode("" if dropped else clip["caption"])  # (L,), (L,)
+            example = {pixels: clip[pixels], "text_tokens": tokens, "text_mask": mask}
         if "label" in clip:
             example["label"] = np.int32(clip["label"])
         return example
@@ -87,14 +92,16 @@ def make_dataset(
     source = make_source(data) if source is None else source
     from jaxdit.data.cache_format import LatentCache
 
+    null_text = None
     if isinstance(source, LatentCache):  # written with this run's codec and tokenizer?
         source.check(config)
+        null_text = source.null_text
     dataset = grain.MapDataset.source(source)
     if data.shuffle:
         dataset = dataset.shuffle(seed=data.seed)
     if num_epochs != 1:
         dataset = dataset.repeat(num_epochs)
-    prepare = PrepareClip(ByteTokenizer(config.text.max_length), data.caption_dropout)
+    prepare = PrepareClip(make_tokenizer(config.text), data.caption_dropout, null_text)
     dataset = dataset.random_map(prepare, seed=data.seed)
     dataset = dataset.batch(global_batch_size // process_count, drop_remainder=True)  # one process's slice
     whole_batches = len(dataset) // process_count * process_count  # every process gets as many batches

@@ -1,0 +1,255 @@
+"""The frozen T5 text encoders (jaxdit.t5, jaxdit.frozen_text) against transformers' outputs, and a run that uses one.
+
+The fixtures (tests/fixtures/t5/make_fixture.py) are tiny random T5 v1.1, umT5 and original-T5
+checkpoints saved by transformers, with a sentencepiece tokenizer, and transformers' outputs in
+float64 on a padded batch.
+"""
+
+import dataclasses
+import json
+import pathlib
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxdit
+from jaxdit import frozen_text, t5
+from jaxdit.codec import IdentityCodec
+from jaxdit.config import ConfigError
+from jaxdit.data.pipeline import make_dataset
+from jaxdit.denoiser import Denoiser
+from jaxdit.train_step import diffusion_loss, model_graphdef
+
+pytest.importorskip("tokenizers")
+pytest.importorskip("sentencepiece")
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "t5"
+MODELS = ("t5_v1_1", "umt5", "t5_relu")  # tokenizer.json + one file; tokenizer.json + sharded index; spiece.model
+CAPTIONS = [  # make_fixture.py's
+    "a large red circle moving left",
+    "a small blue square moving up and a large white triangle moving down",
+    "",
+    "a small yellow triangle moving right and a large orange circle moving up and a small green square moving left",
+]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    with np.load(FIXTURES / "reference.npz") as data:
+        return dict(data)
+
+
+def _features(encoder, ids, mask) -> np.ndarray:
+    graphdef, state = nnx.split(encoder)
+    run = jax.jit(lambda state, ids, mask: nnx.merge(graphdef, state)(ids, mask))
+    return np.asarray(run(state, jnp.asarray(ids), jnp.asarray(mask, bool)))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_encoder_matches_transformers(name, reference):
+    encoder, tokenizer = t5.load(FIXTURES / name, max_length=24)
+    batch = tokenizer.encode_batch(CAPTIONS)
+    np.testing.assert_array_equal(batch["text_tokens"], reference["ids"])  # the library's ids, truncation included
+    np.testing.assert_array_equal(batch["text_mask"], reference["mask"].astype(bool))
+    np.testing.assert_array_equal(tokenizer.encode("")[0], reference["empty_ids"])
+
+    out = _features(encoder, batch["text_tokens"], batch["text_mask"])  # (4, 24, 32)
+    valid = reference["mask"].astype(bool)
+    want = reference[f"{name}_out"]
+    scale = np.abs(want[valid]).max()
+    np.testing.assert_allclose(out[valid], want[valid], rtol=1e-5, atol=1e-5 * scale)
+    assert not out[~valid].any()  # padding never reaches the DiT
+
+
+def test_a_swapped_weight_is_caught(reference):
+    """The parity check can fail: T5 v1.1 with layer 1's query and key weights swapped misses the reference."""
+    encoder, _ = t5.load(FIXTURES / "t5_v1_1", max_length=24)
+    tensors = t5.read_weights(FIXTURES / "t5_v1_1")
+    q, k = "encoder.block.1.layer.0.SelfAttention.q.weight", "encoder.block.1.layer.0.SelfAttention.k.weight"
+    tensors[q], tensors[k] = tensors[k], tensors[q]
+    nnx.update(encoder, t5.convert(tensors, encoder))
+    out = _features(encoder, reference["ids"], reference["mask"])
+    valid = reference["mask"].astype(bool)
+    assert np.abs(out[valid] - reference["t5_v1_1_out"][valid]).max() > 1e-2
+
+
+def test_relative_buckets_follow_t5():
+    """Exact offsets near the query, logarithmic bins further out, the last bin past max_distance; keys after the
+    query in the upper half."""
+    buckets = t5.relative_buckets(200, num_buckets=32, max_distance=128)
+    before, after = buckets[100, 100 - np.arange(100)], buckets[100, 100 + np.arange(100)]
+    np.testing.assert_array_equal(before[:8], np.arange(8))  # offsets 0..7 exactly
+    np.testing.assert_array_equal(after[1:8], 16 + np.arange(1, 8))
+    assert before[99] == 15 and after[99] == 31  # beyond max_distance: the last bin of each half
+    assert np.all(np.diff(before) >= 0)
+
+
+def _copy(tmp_path, name="t5_v1_1") -> pathlib.Path:
+    folder = tmp_path / name
+    shutil.copytree(FIXTURES / name, folder)
+    return folder
+
+
+def _edit_config(folder: pathlib.Path, **changes) -> None:
+    path = folder / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def test_bad_folders_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no T5 checkpoint folder"):
+        t5.load(tmp_path / "nowhere")
+
+    folder = _copy(tmp_path, "t5_relu")
+    (folder / "spiece.model").unlink()
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json or spiece.model"):
+        t5.load(folder)
+
+    folder = _copy(tmp_path)
+    _edit_config(folder, architectures=["BertModel"])
+    with pytest.raises(ValueError, match="describes a BertModel, not a T5 encoder"):
+        t5.load(folder)
+
+    _edit_config(folder, architectures=["T5EncoderModel"], vocab_size=400)
+    with pytest.raises(ValueError, match="has 40 tokens but the weights embed 400"):
+        t5.load(folder)
+
+    _edit_config(folder, vocab_size=40, d_ff=48)  # weights of another size than config.json says
+    with pytest.raises(ValueError, match=r"mis-shaped encoder\.block\.0\.layer\.1\.DenseReluDense\.wi_0\.weight"):
+        t5.load(folder)
+
+
+def test_missing_and_extra_tensors_are_named():
+    encoder, _ = t5.load(FIXTURES / "umt5")
+    tensors = t5.read_weights(FIXTURES / "umt5")
+    del tensors["encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight"]  # umT5: one per layer
+    tensors["encoder.block.2.layer.0.layer_norm.weight"] = np.ones(32, np.float32)
+    with pytest.raises(ValueError, match=r"missing encoder\.block\.1\.layer\.0\.SelfAttention\.relative_attention_bias"
+                                         r"\.weight; unexpected encoder\.block\.2\.layer\.0\.layer_norm\.weight"):
+        t5.convert(tensors, encoder)
+
+
+def test_bfloat16_weights_and_features(reference):
+    encoder, _ = t5.load(FIXTURES / "t5_v1_1", max_length=24, dtype=jnp.bfloat16)
+    assert {x.dtype for x in jax.tree.leaves(nnx.state(encoder, nnx.Param))} == {jnp.dtype(jnp.bfloat16)}
+    out = _features(encoder, reference["ids"], reference["mask"])
+    assert out.dtype == jnp.bfloat16
+    valid = reference["mask"].astype(bool)
+    want = reference["t5_v1_1_out"][valid]
+    error = np.abs(out[valid].astype(np.float32) - want) / np.abs(want).max()
+    assert 1e-4 < error.max() < 0.1 and error.mean() < 1e-2  # bfloat16's rounding (of random weights), no more
+    assert frozen_text.dtype(jaxdit.TextConfig()) == jnp.float32  # "auto" on this CPU
+
+
+def test_parameters_are_split_over_fsdp(monkeypatch):
+    """T5-XXL's 4.7B parameters cannot sit whole on every device beside the DiT: they shard like the DiT's."""
+    from jaxdit import sharding
+
+    monkeypatch.setattr(sharding, "MIN_SHARDED_SIZE", 1024)  # the fixture's matrices count as large
+    config = _run_config(FIXTURES / "t5_v1_1")
+    _, state = frozen_text.load(config, sharding.make_mesh(fsdp=8))
+    kernel = state["blocks"][0]["mlp"]["wi_0"]["kernel"]  # (32, 64)
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
+    assert kernel.addressable_shards[0].data.shape == (32, 8)
+    np.testing.assert_array_equal(
+        np.asarray(kernel), t5.read_weights(FIXTURES / "t5_v1_1")["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"].T
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A run with a frozen T5: 2 frames of 16x16 moving shapes, a 2-block DiT.
+
+def _run_config(path, **text) -> jaxdit.Config:
+    base = jaxdit.load_config(pathlib.Path(__file__).parents[1] / "configs" / "tiny.py")
+    config = dataclasses.replace(
+        base,
+        text=jaxdit.TextConfig(encoder="t5", path=str(path), max_length=24, **text),
+        train=dataclasses.replace(base.train, steps=2, checkpoint_every=1),
+        sample=jaxdit.SampleConfig(prompts=(), steps=2, every=0, judge_prompts=0),  # sampled by the Pipeline
+    )
+    return frozen_text.resolve(config)
+
+
+def test_the_encoder_is_frozen_and_sets_text_dim():
+    config = _run_config(FIXTURES / "t5_v1_1")
+    assert config.model.text_dim == 32 and config.text.path == str((FIXTURES / "t5_v1_1").absolute())
+    graphdef, state = frozen_text.load(config)
+    model = nnx.merge(model_graphdef(config), nnx.state(Denoiser(config, rngs=nnx.Rngs(0))))
+    assert model.text_encoder is None  # the trained model holds no text encoder: the T5 is not optimised
+    batch = {"video": np.zeros((2, 2, 16, 16, 3), np.uint8), **t5.T5Tokenizer(config.text.path, max_length=24)
+             .encode_batch(CAPTIONS[:2])}
+
+    def loss(text_state):
+        encoder = nnx.merge(graphdef, text_state)
+        return diffusion_loss(model, batch, jax.random.key(0), config=config, codec=IdentityCodec(),
+                              text_encoder=encoder)[0]
+
+    value, grads = jax.jit(jax.value_and_grad(loss))(state)
+    assert np.isfinite(value)
+    assert all(not np.asarray(g).any() for g in jax.tree.leaves(grads))  # no gradient reaches the encoder
+
+
+def test_train_sample_resume_with_t5(tmp_path):
+    """Trains 2 steps with the T5 fixture, generates with Pipeline, and refuses a changed encoder on resume."""
+    from jaxdit.train_loop import train
+
+    folder = _copy(tmp_path)
+    config = _run_config(folder)
+    before = jax.tree.map(np.asarray, nnx.to_pure_dict(frozen_text.load(config)[1]))
+    workdir = tmp_path / "run"
+    metrics = train(config, workdir)
+    assert metrics["step"] == 2 and np.isfinite(metrics["loss"])
+    assert json.loads((workdir / frozen_text.RUN_RECORD).read_text())["config"]["model_type"] == "t5"
+
+    pipe = jaxdit.Pipeline.load(workdir)
+    assert pipe.denoiser.text_encoder is None and pipe.config.model.text_dim == 32
+    assert isinstance(pipe.text_encoder, t5.T5Encoder)
+    videos = pipe.generate(["a large red circle moving left", "a small blue square moving up"], steps=2, cfg_scale=4.0)
+    assert videos.shape == (2, 2, 16, 16, 3) and videos.dtype == np.uint8
+    assert not np.array_equal(videos[0], videos[1])  # the prompt reaches the samples through the T5
+
+    after = jax.tree.map(np.asarray, nnx.to_pure_dict(frozen_text.load(config)[1]))
+    jax.tree.map(np.testing.assert_array_equal, before, after)  # training never wrote to the encoder
+
+    tensors = t5.read_weights(folder)  # the folder's weights change under the run
+    tensors["encoder.final_layer_norm.weight"] = tensors["encoder.final_layer_norm.weight"] * 2
+    from safetensors.numpy import save_file
+
+    save_file(tensors, folder / t5.WEIGHTS_FILE)
+    longer = dataclasses.replace(config, train=dataclasses.replace(config.train, steps=3))
+    with pytest.raises(ConfigError, match="text encoder .* is not the one the run in .* used .*fingerprint"):
+        train(longer, workdir)
+    with pytest.raises(ConfigError, match="fingerprint"):
+        jaxdit.Pipeline.load(workdir)
+
+
+def test_a_cache_of_t5_features_gives_the_batches_of_live_encoding(tmp_path):
+    from jaxdit.data.latent_cache import write_cache
+
+    config = _run_config(FIXTURES / "t5_relu")
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, caption_dropout=0.5))
+    cache = write_cache(config, tmp_path / "cache", num_clips=16, shard_size=8, batch_size=4)
+    cached_config = dataclasses.replace(
+        config, data=dataclasses.replace(config.data, source="cache", cache=str(cache))
+    )
+    from jaxdit.data.shapes import ShapesDataset
+
+    d = config.data
+    source = ShapesDataset(num_frames=d.num_frames, size=d.size, seed=d.seed, max_objects=d.max_objects, length=16)
+    live = next(iter(make_dataset(config, global_batch_size=16, num_epochs=1, source=source)))
+    cached = next(iter(make_dataset(cached_config, global_batch_size=16, num_epochs=1)))
+    np.testing.assert_array_equal(cached["text_tokens"], live["text_tokens"])  # the same captions dropped
+    np.testing.assert_array_equal(cached["text_mask"], live["text_mask"])
+    dropped = live["text_mask"].sum(axis=1) == 1  # "" is just </s>
+    assert 0 < dropped.sum() < 16
+
+    graphdef, state = frozen_text.load(config)
+    features = _features(nnx.merge(graphdef, state), live["text_tokens"], live["text_mask"])  # (16, L, E)
+    assert cached["text_features"].dtype == jnp.bfloat16
+    np.testing.assert_allclose(cached["text_features"].astype(np.float32), features, rtol=2**-7, atol=1e-6)
+
+    with pytest.raises(ConfigError, match="holds the features of the frozen text encoder"):
+        make_dataset(dataclasses.replace(cached_config, text=jaxdit.TextConfig(max_length=24)), global_batch_size=16)
