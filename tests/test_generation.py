@@ -103,7 +103,7 @@ def test_bad_generation_requests_are_named(pipe, kwargs, message):
 
 
 def test_a_too_long_prompt_is_truncated_with_a_warning(pipe):
-    with pytest.warns(UserWarning, match="truncated to the model's 46"):
+    with pytest.warns(UserWarning, match="prompt of 107 tokens truncated to the model's text.max_length=48"):
         videos = pipe.generate(["a large red circle moving left and " * 3], steps=STEPS)
     assert videos.shape[0] == 1
 
