@@ -159,6 +159,26 @@ def test_parameters_are_split_over_fsdp(monkeypatch):
     )
 
 
+def test_convert_cuts_out_the_encoder(tmp_path, reference):
+    """T5ForConditionalGeneration -> an encoder-only folder (sharded here) that loads to the same features."""
+    from jaxdit.convert.t5 import convert, main
+
+    out = convert(FIXTURES / "t5_relu", tmp_path / "encoder", dtype="float32", shard_bytes=40_000)
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["T5EncoderModel"]
+    index = json.loads((out / t5.INDEX_FILE).read_text())["weight_map"]
+    assert len(set(index.values())) > 1 and not any(key.startswith("decoder.") for key in index)
+    encoder, tokenizer = t5.load(out, max_length=24)
+    out_features = _features(encoder, reference["ids"], reference["mask"])
+    valid = reference["mask"].astype(bool)
+    np.testing.assert_allclose(out_features[valid], reference["t5_relu_out"][valid], rtol=1e-5, atol=1e-5)
+
+    broken = _copy(tmp_path)
+    _edit_config(broken, num_layers=3)
+    with pytest.raises(SystemExit, match=r"missing encoder\.block\.2\."):
+        main([str(broken), "--out", str(tmp_path / "nothing")])
+    assert not (tmp_path / "nothing").exists()  # checked before anything is written
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # A run with a frozen T5: 2 frames of 16x16 moving shapes, a 2-block DiT.
 

@@ -1,0 +1,116 @@
+"""Cuts a transformers T5 / umT5 / mT5 checkpoint down to the frozen text encoder a jaxdit run reads.
+
+    python -m jaxdit.convert.t5 /models/t5-v1_1-xxl --out /models/t5-v1_1-xxl-encoder-bf16 --dtype bfloat16
+    python train.py --config configs/shapes_t5.py --text.path /models/t5-v1_1-xxl-encoder-bf16
+
+SRC is a folder as transformers' `save_pretrained` writes it, of any architecture `jaxdit.t5` reads
+(`T5ForConditionalGeneration` included: 11B parameters of which the encoder is 4.7B). Every tensor
+the encoder needs is checked against what SRC's config.json describes first; a missing, unexpected
+or mis-shaped one is named and nothing is written. OUT is again a transformers folder, of the
+encoder alone: config.json naming the `...EncoderModel`, the encoder's tensors under their own key
+names in `--dtype` (one model.safetensors, or shards of at most `--shard-gb` with an index), the
+tokenizer files, and `converted.json` saying what it came from. So `text.path`, transformers'
+`T5EncoderModel.from_pretrained` and this command read it alike.
+"""
+
+import argparse
+import json
+import pathlib
+import shutil
+import sys
+
+import numpy as np
+
+from jaxdit import t5
+
+ENCODER_ARCHITECTURES = {"T5": "T5EncoderModel", "MT5": "MT5EncoderModel", "UMT5": "UMT5EncoderModel"}
+DTYPES = ("float32", "bfloat16", "float16")
+RECORD = "converted.json"
+_TOKENIZER_EXTRAS = ("tokenizer_config.json", "special_tokens_map.json")  # copied when present
+
+
+def _encoder_architecture(architecture: str) -> str:
+    family = next(prefix for prefix in ("UMT5", "MT5", "T5") if architecture.startswith(prefix))
+    return ENCODER_ARCHITECTURES[family]
+
+
+def _shards(tensors: dict[str, np.ndarray], limit: int) -> list[dict[str, np.ndarray]]:
+    """Tensors in key order, cut into groups of at most `limit` bytes (a larger tensor gets a group of its own)."""
+    groups, size = [{}], 0
+    for key in sorted(tensors):
+        nbytes = tensors[key].nbytes
+        if groups[-1] and size + nbytes > limit:
+            groups.append({})
+            size = 0
+        groups[-1][key] = tensors[key]
+        size += nbytes
+    return groups
+
+
+def convert(src, out, *, dtype: str = "bfloat16", shard_bytes: int = 5 << 30) -> pathlib.Path:
+    """Writes the encoder of the checkpoint folder `src` into `out` (see the module docstring); returns `out`."""
+    import jax.numpy as jnp
+    from flax import nnx
+    from safetensors.numpy import save_file
+
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
+    src, out = t5.check_folder(src), pathlib.Path(out)
+    if out.resolve() == src.resolve():
+        raise ValueError(f"--out {str(out)!r} is the source folder: write the encoder somewhere else.")
+    spec = t5.T5Spec.from_folder(src)
+    t5.T5Tokenizer(src, max_length=8, spec=spec)  # the tokenizer reads and fits the embedding
+    tensors = t5.read_weights(src)
+    t5.convert(tensors, nnx.eval_shape(lambda: t5.T5Encoder(spec, rngs=nnx.Rngs(0))))  # names what does not fit
+    if "shared.weight" not in tensors:  # the encoder's own copy of the tied embedding, under transformers' main name
+        tensors["shared.weight"] = tensors["encoder.embed_tokens.weight"]
+    tensors.pop("encoder.embed_tokens.weight", None)  # tied to shared.weight: transformers saves one
+    tensors = {key: np.ascontiguousarray(value.astype(jnp.dtype(dtype))) for key, value in tensors.items()}
+
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("model*.safetensors"), out / t5.INDEX_FILE]:  # from an earlier conversion into out
+        stale.unlink(missing_ok=True)
+    groups = _shards(tensors, shard_bytes)
+    if len(groups) == 1:
+        save_file(groups[0], out / t5.WEIGHTS_FILE, metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for k, group in enumerate(groups, start=1):
+            name = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
+            save_file(group, out / name, metadata={"format": "pt"})
+            weight_map |= dict.fromkeys(group, name)
+        total = sum(value.nbytes for value in tensors.values())
+        (out / t5.INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+    config = json.loads((src / t5.CONFIG_FILE).read_text())
+    config |= {"architectures": [_encoder_architecture(spec.architecture)], "torch_dtype": dtype, "dtype": dtype}
+    (out / t5.CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    for name in (*t5.TOKENIZER_FILES, *_TOKENIZER_EXTRAS):
+        if (src / name).is_file():
+            shutil.copyfile(src / name, out / name)
+    record = {"source": str(src.absolute()), "source_architecture": spec.architecture, "dtype": dtype,
+              "source_fingerprint": t5.fingerprint(src), "parameters": int(sum(v.size for v in tensors.values()))}
+    (out / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxdit.convert.t5", description="transformers T5 / umT5 folder -> its frozen text encoder alone"
+    )
+    parser.add_argument("src", help="a transformers checkpoint folder (config.json, safetensors, tokenizer)")
+    parser.add_argument("--out", required=True, help="the encoder folder to write (give it as text.path)")
+    parser.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="the stored weights (%(default)s)")
+    parser.add_argument("--shard-gb", type=float, default=5.0, help="largest weight file, in GB (%(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        out = convert(args.src, args.out, dtype=args.dtype, shard_bytes=int(args.shard_gb * 2**30))
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(f"error: {err}")
+    record = json.loads((out / RECORD).read_text())
+    print(f"wrote the {record['source_architecture']} encoder ({record['parameters']:,} parameters, {args.dtype}) "
+          f"to {out}; train with --text.encoder t5 --text.path {out}")
+
+
+if __name__ == "__main__":
+    main()
