@@ -15,7 +15,7 @@ Cache the T5 features with the latents, so training never runs the T5:
 import dataclasses
 import pathlib
 
-from jaxdit import Config, TextConfig, load_config
+from jaxdit import Config, load_config
 
 
 def get_config() -> Config:
@@ -24,5 +24,5 @@ def get_config() -> Config:
         config,
         name="shapes_t5",
         # T5's captions are words, not bytes: 32 tokens hold three moving-shapes objects.
-        text=TextConfig(encoder="t5", path="", max_length=32),
+        text=dataclasses.replace(config.text, encoder="t5", max_length=32),
     )

@@ -86,6 +86,11 @@ def synthetic_batch(config, latent_shape, *, latents: bool, mesh):
     from jaxdit.text import VOCAB_SIZE
 
     b, data, model = config.train.batch_size, config.data, config.model
+    vocab = VOCAB_SIZE
+    if config.text.encoder == "t5":  # token ids the frozen T5 embeds
+        from jaxdit.t5 import T5Spec
+
+        vocab = T5Spec.from_folder(config.text.path).vocab_size
 
     def make(key):
         pixels_key, text_key, label_key = jax.random.split(key, 3)
@@ -96,7 +101,7 @@ def synthetic_batch(config, latent_shape, *, latents: bool, mesh):
             batch = {"video": jax.random.bits(pixels_key, shape, jnp.uint8)}  # (B, T, H, W, 3)
         if model.has_text:
             length = config.text.max_length
-            batch["text_tokens"] = jax.random.randint(text_key, (b, length), 0, VOCAB_SIZE, jnp.int32)  # (B, L)
+            batch["text_tokens"] = jax.random.randint(text_key, (b, length), 0, vocab, jnp.int32)  # (B, L)
             batch["text_mask"] = jnp.ones((b, length), bool)  # (B, L): attention costs the same masked or not
         if model.num_classes:
             batch["label"] = jax.random.randint(label_key, (b,), 0, model.num_classes, jnp.int32)  # (B,)

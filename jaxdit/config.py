@@ -227,7 +227,8 @@ class TextConfig:
 
     def __post_init__(self):
         _check_choice("text.encoder", self.encoder, TEXT_ENCODERS)
-        _check_choice("text.dtype", self.dtype, ("auto", *DTYPES))
+        # No float16: T5 v1.1's activations overflow it (transformers clamps them; bfloat16 has the range).
+        _check_choice("text.dtype", self.dtype, ("auto", "float32", "bfloat16"))
         _check_minimums("text", self, max_length=3, depth=1, heads=1)
 
 

@@ -77,30 +77,31 @@ def load(config: Config, mesh: jax.sharding.Mesh | None = None):
 
 
 def record(text: TextConfig) -> dict | None:
-    """What a run or a latent cache records of its frozen encoder: its config.json and weights' fingerprint."""
+    """What a run or a latent cache records of its frozen encoder: its config.json and the sha256 of its weight
+    and tokenizer files. Not where it lives: a moved or copied folder is the same encoder."""
     if text.encoder != "t5":
         return None
     from jaxdit import t5
 
-    folder = pathlib.Path(text.path)
-    return {
-        "encoder": text.encoder,
-        "path": str(folder.absolute()),
-        "config": json.loads((folder / t5.CONFIG_FILE).read_text()),
-        "fingerprint": t5.fingerprint(folder),
-        "tokenizer": next(name for name in t5.TOKENIZER_FILES if (folder / name).is_file()),
-    }
+    folder = t5.check_folder(text.path)
+    return {"encoder": text.encoder, "config": json.loads((folder / t5.CONFIG_FILE).read_text()), **t5.digests(folder)}
 
 
 def check_unchanged(text: TextConfig, recorded: dict, user: str) -> None:
-    """A ConfigError when the encoder at text.path is not the one `user` recorded."""
-    current = record(text)
-    changed = [key for key in ("config", "fingerprint", "tokenizer") if current.get(key) != recorded.get(key)]
+    """A ConfigError when the encoder at text.path is not the one `user` recorded, or is gone."""
+    try:
+        current = record(text)
+    except FileNotFoundError as error:
+        raise ConfigError(
+            f"{error} {user} needs the text encoder it was made with: give its folder's new place (train.py "
+            "--text.path DIR, sample.py --text-path DIR, Pipeline.load(..., text_path=DIR))."
+        ) from None
+    changed = [key for key in ("config", "weights", "tokenizer") if current.get(key) != recorded.get(key)]
     if changed:
         raise ConfigError(
-            f"the text encoder at {text.path!r} is not the one {user} used (its {', '.join(changed)} changed; it "
-            f"was read from {recorded.get('path')!r}). Features of another encoder mean nothing to this model: "
-            "restore that encoder's folder, or train again with the new one."
+            f"the text encoder at {text.path!r} is not the one {user} used (its {' and '.join(changed)} changed). "
+            "Features of another encoder mean nothing to this model: restore that encoder's folder, or train "
+            "again with the new one."
         )
 
 

@@ -12,9 +12,11 @@ from the noise of fold_in(key(seed), j), so the same seed gives the same videos 
 of devices and at any batch size. `VideoSampler` is that program; train.py uses it too.
 """
 
+import dataclasses
 import json
 import logging
 import math
+import os
 import pathlib
 import warnings
 
@@ -253,8 +255,13 @@ class Pipeline:
         return None if graphdef is None else nnx.merge(graphdef, state)
 
     @classmethod
-    def load(cls, workdir: str | pathlib.Path, *, step: int | None = None, devices=None) -> "Pipeline":
-        """The run's config and the EMA weights of its latest checkpoint (or of `step`)."""
+    def load(
+        cls, workdir: str | pathlib.Path, *, step: int | None = None, devices=None, text_path: str | None = None
+    ) -> "Pipeline":
+        """The run's config and the EMA weights of its latest checkpoint (or of `step`).
+
+        text_path: where a text.encoder="t5" run's encoder folder is now, if it moved (checked to be the same one).
+        """
         directory = pathlib.Path(workdir) / "checkpoints"
         if not directory.is_dir():
             raise FileNotFoundError(
@@ -269,6 +276,9 @@ class Pipeline:
                 )
             step = latest if step is None else step
             config = Config.from_dict(checkpointer.restore_config(step))
+            if text_path is not None:
+                text = dataclasses.replace(config.text, path=os.path.abspath(text_path))
+                config = dataclasses.replace(config, text=text)
             _check_codec_record(config, pathlib.Path(workdir))
             frozen_text.check_run(config, pathlib.Path(workdir))
             if config.task == "codec":

@@ -23,13 +23,16 @@ or their `...ForConditionalGeneration` / `...Model` (whose decoder is not read):
 """
 
 import dataclasses
+import functools
 import hashlib
 import importlib
 import json
 import logging
 import math
 import pathlib
+import re
 
+import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,10 +42,11 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE = "config.json", "model.safetensors", "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model")  # the first one present is read
-ARCHITECTURES = {  # transformers class -> whether each layer has its own relative position bias
-    **{f"{prefix}{suffix}": prefix == "UMT5" for prefix in ("T5", "MT5", "UMT5")
-       for suffix in ("EncoderModel", "ForConditionalGeneration", "Model")},
-}
+MODEL_TYPES = ("t5", "mt5", "umt5")  # config.json's model_type; umt5: a relative position bias in every layer
+ARCHITECTURES = tuple(  # the transformers classes whose encoder is read
+    f"{prefix}{suffix}" for prefix in ("T5", "MT5", "UMT5")
+    for suffix in ("EncoderModel", "ForConditionalGeneration", "Model")
+)
 _ACTIVATIONS = {  # transformers' ACT2FN names
     "relu": jax.nn.relu,
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -52,7 +56,7 @@ _ACTIVATIONS = {  # transformers' ACT2FN names
 }
 # A tokenizer may have fewer entries than the embedding (T5 pads 32100 tokens to 32128 rows), never more.
 _VOCAB_SLACK = 256
-_FINGERPRINT_CHUNKS, _CHUNK_BYTES = 16, 1 << 16
+_HASH_CHUNK = 1 << 24
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,18 +83,17 @@ class T5Spec:
     def from_folder(cls, folder) -> "T5Spec":
         folder = check_folder(folder)
         config = json.loads((folder / CONFIG_FILE).read_text())
-        architectures = config.get("architectures") or [f"{config.get('model_type', '?').upper()}EncoderModel"]
-        architecture = architectures[0]
-        if architecture not in ARCHITECTURES:
+        model_type = config.get("model_type", "")
+        architecture = (config.get("architectures") or [f"{model_type.upper()}EncoderModel"])[0]
+        if model_type not in MODEL_TYPES or architecture not in ARCHITECTURES:
             raise ValueError(
-                f"{str(folder / CONFIG_FILE)!r} describes a {architecture}, not a T5 encoder: text.encoder='t5' reads "
-                f"{', '.join(sorted(ARCHITECTURES))} checkpoints."
+                f"{str(folder / CONFIG_FILE)!r} describes a {architecture} (model_type {model_type!r}), not a T5 "
+                f"encoder: text.encoder='t5' reads {', '.join(ARCHITECTURES)} checkpoints."
             )
-        projection = config.get("feed_forward_proj", "relu")
+        # As transformers derives them (dense_act_fn in config.json is not read): "gated-gelu" is the tanh GELU.
+        projection = config.get("feed_forward_proj", "gated-gelu" if model_type == "umt5" else "relu")
         gated = projection.startswith("gated-")
-        activation = config.get("dense_act_fn") or projection.split("-")[-1]
-        if projection == "gated-gelu":  # transformers' rule: "gated-gelu" is the tanh approximation
-            activation = "gelu_new"
+        activation = "gelu_new" if projection == "gated-gelu" else projection.split("-")[-1]
         if activation not in _ACTIVATIONS:
             raise ValueError(
                 f"{str(folder / CONFIG_FILE)!r} has feed_forward_proj={projection!r} (activation {activation!r}); "
@@ -102,7 +105,7 @@ class T5Spec:
             num_buckets=config.get("relative_attention_num_buckets", 32),
             max_distance=config.get("relative_attention_max_distance", 128),
             eps=config.get("layer_norm_epsilon", 1e-6), activation=activation, gated=gated,
-            bias_per_layer=ARCHITECTURES[architecture], pad_id=config.get("pad_token_id", 0),
+            bias_per_layer=model_type == "umt5", pad_id=config.get("pad_token_id", 0),
             eos_id=config.get("eos_token_id", 1),
         )
 
@@ -167,50 +170,56 @@ def _linear(d_in: int, d_out: int, *, dtype, rngs: nnx.Rngs) -> nnx.Linear:
 
 
 class T5Attention(nnx.Module):
-    def __init__(self, spec: T5Spec, *, has_bias: bool, dtype, rngs: nnx.Rngs):
-        inner = spec.heads * spec.head_dim
-        self.heads = spec.heads
-        self.q, self.k, self.v = (_linear(spec.width, inner, dtype=dtype, rngs=rngs) for _ in range(3))
-        self.o = _linear(inner, spec.width, dtype=dtype, rngs=rngs)
+    """Self-attention with unscaled logits plus a relative-position bias, which this layer owns when `num_buckets`
+    > 0 (T5: the first layer, shared by all; umT5: every layer)."""
+
+    def __init__(self, width: int, heads: int, head_dim: int, num_buckets: int, *, dtype, rngs: nnx.Rngs):
+        inner = heads * head_dim
+        self.heads = heads
+        self.q, self.k, self.v = (_linear(width, inner, dtype=dtype, rngs=rngs) for _ in range(3))
+        self.o = _linear(inner, width, dtype=dtype, rngs=rngs)
         self.relative_bias = nnx.data(
-            nnx.Embed(spec.num_buckets, spec.heads, dtype=dtype, param_dtype=dtype, rngs=rngs) if has_bias else None
+            nnx.Embed(num_buckets, heads, dtype=dtype, param_dtype=dtype, rngs=rngs) if num_buckets else None
         )
 
     def position_bias(self, buckets: jax.Array) -> jax.Array:
         """(L, L) buckets -> (1, K, L, L) logit bias."""
-        return jnp.transpose(self.relative_bias(buckets), (2, 0, 1))[None]
+        return einops.rearrange(self.relative_bias(buckets), "q l k -> 1 k q l")
 
     def __call__(self, x: jax.Array, bias: jax.Array, mask: jax.Array) -> jax.Array:
         """x (B, L, E), bias (1, K, L, L), mask (B, L) bool: the keys that may be attended to."""
-        split = lambda y: y.reshape(*y.shape[:2], self.heads, -1)  # (B, L, K, Dh)
-        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        q, k, v = (einops.rearrange(proj(x), "b l (k h) -> b l k h", k=self.heads) for proj in (self.q, self.k, self.v))
         out = jax.nn.dot_product_attention(
             q, k, v, bias=bias.astype(q.dtype), mask=mask[:, None, None, :], scale=1.0
         )  # (B, L, K, Dh)
-        return self.o(out.reshape(*out.shape[:2], -1))  # (B, L, E)
+        return self.o(einops.rearrange(out, "b l k h -> b l (k h)"))  # (B, L, E)
 
 
 class T5MLP(nnx.Module):
-    def __init__(self, spec: T5Spec, *, dtype, rngs: nnx.Rngs):
-        self.act = _ACTIVATIONS[spec.activation]
-        if spec.gated:
-            self.wi_0 = _linear(spec.width, spec.mlp_width, dtype=dtype, rngs=rngs)
-            self.wi_1 = _linear(spec.width, spec.mlp_width, dtype=dtype, rngs=rngs)
+    """wo(act(wi x)), or with `gated` wo(act(wi_0 x) * wi_1 x) (T5 v1.1, umT5)."""
+
+    def __init__(self, width: int, mlp_width: int, activation: str, gated: bool, *, dtype, rngs: nnx.Rngs):
+        self.act, self.gated = _ACTIVATIONS[activation], gated
+        if gated:
+            self.wi_0 = _linear(width, mlp_width, dtype=dtype, rngs=rngs)
+            self.wi_1 = _linear(width, mlp_width, dtype=dtype, rngs=rngs)
         else:
-            self.wi = _linear(spec.width, spec.mlp_width, dtype=dtype, rngs=rngs)
-        self.wo = _linear(spec.mlp_width, spec.width, dtype=dtype, rngs=rngs)
+            self.wi = _linear(width, mlp_width, dtype=dtype, rngs=rngs)
+        self.wo = _linear(mlp_width, width, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        hidden = self.act(self.wi_0(x)) * self.wi_1(x) if hasattr(self, "wi_0") else self.act(self.wi(x))  # (B, L, F)
+        hidden = self.act(self.wi_0(x)) * self.wi_1(x) if self.gated else self.act(self.wi(x))  # (B, L, F)
         return self.wo(hidden)  # (B, L, E)
 
 
 class T5Block(nnx.Module):
     def __init__(self, spec: T5Spec, *, has_bias: bool, dtype, rngs: nnx.Rngs):
         self.attn_norm = RMSNorm(spec.width, spec.eps, param_dtype=dtype)
-        self.attn = T5Attention(spec, has_bias=has_bias, dtype=dtype, rngs=rngs)
+        self.attn = T5Attention(
+            spec.width, spec.heads, spec.head_dim, spec.num_buckets if has_bias else 0, dtype=dtype, rngs=rngs
+        )
         self.mlp_norm = RMSNorm(spec.width, spec.eps, param_dtype=dtype)
-        self.mlp = T5MLP(spec, dtype=dtype, rngs=rngs)
+        self.mlp = T5MLP(spec.width, spec.mlp_width, spec.activation, spec.gated, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, bias: jax.Array, mask: jax.Array) -> jax.Array:
         x = x + self.attn(self.attn_norm(x), bias, mask)  # (B, L, E)
@@ -282,15 +291,15 @@ def read_weights(folder) -> dict[str, np.ndarray]:
                     if key.startswith("encoder.") or key == "shared.weight":
                         tensors[key] = file.get_tensor(key)
         except Exception as err:  # safetensors' errors for a file that is not one
-            raise ValueError(f"{str(path)!r} is not a readable safetensors file ({type(err).__name__}: {err}).") from err
+            raise ValueError(
+                f"{str(path)!r} is not a readable safetensors file ({type(err).__name__}: {err})."
+            ) from err
     return tensors
 
 
 def convert(tensors: dict[str, np.ndarray], encoder: T5Encoder) -> dict:
     """transformers' encoder tensors -> a pure dict of `encoder`'s parameters, or a ValueError naming
     every missing, extra and mis-shaped key."""
-    from jaxdit.convert import some
-
     expected = nnx.to_pure_dict(nnx.state(encoder, nnx.Param))  # shapes (abstract or real arrays)
     flat_expected = {path: leaf for path, leaf in _flatten(expected)}
     mapping = {}  # our path -> transformers key
@@ -302,7 +311,9 @@ def convert(tensors: dict[str, np.ndarray], encoder: T5Encoder) -> dict:
     mapping[("final_norm", "weight")] = _FINAL_NORM
     embedding = next((key for key in _EMBEDDINGS if key in tensors), _EMBEDDINGS[0])
     mapping[("embed", "embedding")] = embedding
-    transposed = {f"encoder.block.{i}.{key}" for i in range(encoder.spec.depth) for key, (_, t) in _BLOCK_KEYS.items() if t}
+    transposed = {
+        f"encoder.block.{i}.{key}" for i in range(encoder.spec.depth) for key, (_, t) in _BLOCK_KEYS.items() if t
+    }
 
     missing = [key for key in mapping.values() if key not in tensors]
     extra = [key for key in tensors if key not in mapping.values() and key not in _EMBEDDINGS]
@@ -313,21 +324,37 @@ def convert(tensors: dict[str, np.ndarray], encoder: T5Encoder) -> dict:
         value = tensors[key].T if key in transposed else tensors[key]
         want = tuple(flat_expected[path].shape)
         if value.shape != want:
-            misshaped.append(f"{key} {tuple(tensors[key].shape)} (expected {want[::-1] if key in transposed else want})")
+            expected = want[::-1] if key in transposed else want  # in transformers' layout
+            misshaped.append(f"{key} {tuple(tensors[key].shape)} (expected {expected})")
         arrays[path] = value
     problems = []
     if missing:
-        problems.append(f"missing {some(missing)}")
+        problems.append(f"missing {_by_layer(missing)}")
     if extra:
-        problems.append(f"unexpected {some(extra)}")
+        problems.append(f"unexpected {_by_layer(extra)}")
     if misshaped:
-        problems.append(f"mis-shaped {some(misshaped)}")
+        problems.append(f"mis-shaped {'; '.join(misshaped)}")
     if problems:
         raise ValueError(
             f"the checkpoint's tensors do not fit the {encoder.spec.architecture} its config.json describes "
             f"({'; '.join(problems)}): is config.json the one saved with these weights?"
         )
     return _unflatten(arrays)
+
+
+def _by_layer(keys: list[str]) -> str:
+    """Every key, those that differ only in the layer index written once: `encoder.block.{0,1,5}.layer.0.k.weight`."""
+    layers = {}
+    for key in keys:
+        match = re.fullmatch(r"(encoder\.block\.)(\d+)(\..+)", key)
+        pattern = f"{match[1]}{{}}{match[3]}" if match else key
+        layers.setdefault(pattern, []).append(match[2] if match else None)
+    def name(pattern: str, indices: list) -> str:
+        if indices[0] is None:
+            return pattern
+        return pattern.format(indices[0] if len(indices) == 1 else "{" + ",".join(sorted(indices, key=int)) + "}")
+
+    return ", ".join(name(pattern, indices) for pattern, indices in layers.items())
 
 
 def _flatten(tree, prefix=()):
@@ -368,21 +395,32 @@ def load(folder, *, max_length: int = 512, dtype=jnp.float32, sharding=None) -> 
     return nnx.merge(graphdef, state), tokenizer
 
 
-def fingerprint(folder) -> str:
-    """A digest of the weight files: their sizes, safetensors headers and 16 evenly spaced 64 KiB samples.
+def digests(folder) -> dict:
+    """sha256 of each weight file and of the tokenizer file: what a run records to refuse another encoder.
 
-    Cheap for a 20 GB checkpoint and changed by any re-save, fine-tune or swapped file; a run records
-    it to refuse a different encoder on resume.
+    Whole files are read (about 10 s for T5-XXL in bfloat16), once per process and file version:
+    the digests are kept by (path, size, modification time).
     """
+    folder = pathlib.Path(folder)
+    tokenizer = next(folder / name for name in TOKENIZER_FILES if (folder / name).is_file())
+    return {
+        "weights": {path.name: _sha256(path) for path in _weight_files(folder)},
+        "tokenizer": {tokenizer.name: _sha256(tokenizer)},
+    }
+
+
+@functools.cache
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
-    for path in _weight_files(pathlib.Path(folder)):
-        size = path.stat().st_size
-        digest.update(f"{path.name}:{size}".encode())
-        with open(path, "rb") as file:
-            for k in range(_FINGERPRINT_CHUNKS):
-                file.seek(k * max(size - _CHUNK_BYTES, 0) // max(_FINGERPRINT_CHUNKS - 1, 1))
-                digest.update(file.read(_CHUNK_BYTES))
+    with open(path, "rb") as file:
+        while chunk := file.read(_HASH_CHUNK):
+            digest.update(chunk)
     return digest.hexdigest()
+
+
+def _sha256(path: pathlib.Path) -> str:
+    stat = path.stat()
+    return _sha256_of(str(path.absolute()), stat.st_size, stat.st_mtime_ns)
 
 
 class T5Tokenizer:

@@ -3,7 +3,8 @@ transformer text encoder.
 
 Axes: B batch, L text tokens, E text width, K heads.
 
-`make_tokenizer` picks the config's tokenizer (a frozen T5's lives in jaxdit.t5). The encoder is an interface: anything that maps `(tokens (B, L) int32, mask (B, L) bool)` to
+`make_tokenizer` picks the config's tokenizer (a frozen T5's lives in jaxdit.t5). The encoder is an
+interface: anything that maps `(tokens (B, L) int32, mask (B, L) bool)` to
 token features `(B, L, E)` can stand in for it (a frozen pretrained encoder, or precomputed
 embeddings). The model pools the valid token features itself (masked mean) for adaLN and
 attends to them with cross-attention.

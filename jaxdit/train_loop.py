@@ -41,11 +41,14 @@ _FIXED_SECTIONS = {
     "dit": ("task", "model", "text", "diffusion", "codec"),
     "codec": ("task", "autoencoder"),
 }
-_FREE_FIELDS = ("eval_clips",)  # fields of fixed sections that only change what is evaluated
+# Fields of fixed sections that may change: what is evaluated, and where a frozen text encoder lives
+# (frozen_text's record, of its files' contents, tells whether it is the same one).
+_FREE_FIELDS = {"autoencoder": ("eval_clips",), "text": ("path",)}
 
 
-def _comparable(section):
-    return {k: v for k, v in section.items() if k not in _FREE_FIELDS} if isinstance(section, dict) else section
+def _comparable(name: str, section):
+    free = _FREE_FIELDS.get(name, ())
+    return {k: v for k, v in section.items() if k not in free} if isinstance(section, dict) else section
 
 
 def check_config(config: Config, mesh: jax.sharding.Mesh, codec) -> None:
@@ -203,7 +206,7 @@ def _check_same_run(saved: dict, config: Config, workdir: pathlib.Path) -> None:
     current = config.to_dict()
     saved = Config.from_dict(saved).to_dict()  # JSON gave lists where the config has tuples
     fixed = _FIXED_SECTIONS[config.task]
-    changed = [name for name in fixed if _comparable(saved[name]) != _comparable(current[name])]
+    changed = [name for name in fixed if _comparable(name, saved[name]) != _comparable(name, current[name])]
     if changed:
         raise ConfigError(
             f"{workdir} holds a run whose {', '.join(changed)} config differs from this one; "

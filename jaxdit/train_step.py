@@ -120,7 +120,9 @@ def flow_shift(config: Config, latent_shape: tuple[int, ...]) -> float:
     return flow.resolve_shift(d.shift, d.shift_reference_tokens, math.prod(grid))
 
 
-def diffusion_loss(model, batch: dict, rng: jax.Array, *, config: Config, codec, text_encoder=None) -> tuple[jax.Array, dict]:
+def diffusion_loss(
+    model, batch: dict, rng: jax.Array, *, config: Config, codec, text_encoder=None
+) -> tuple[jax.Array, dict]:
     """The DiT objective on one batch: noise the codec's latents at random times, predict, MSE (+ vb).
 
     text_encoder: a frozen one (T5) whose features condition the model; a latent cache's stored

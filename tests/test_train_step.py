@@ -149,7 +149,8 @@ def test_train_step_lowers_for_xl_from_shapes_alone():
         "text_tokens": jax.ShapeDtypeStruct((8, length), jnp.int32, sharding=sharding),
         "text_mask": jax.ShapeDtypeStruct((8, length), jnp.bool_, sharding=sharding),
     }
-    lowered = step.lower(abstract, batch, jax.eval_shape(lambda: jax.random.key(0)), nnx.state(IdentityCodec()), nnx.State({}))
+    rng = jax.eval_shape(lambda: jax.random.key(0))
+    lowered = step.lower(abstract, batch, rng, nnx.state(IdentityCodec()), nnx.State({}))
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
     assert count > 600_000_000  # DiT-XL with a text encoder
     text = lowered.as_text()

@@ -80,7 +80,8 @@ def convert(src, out, *, dtype: str = "bfloat16", shard_bytes: int = 5 << 30) ->
             save_file(group, out / name, metadata={"format": "pt"})
             weight_map |= dict.fromkeys(group, name)
         total = sum(value.nbytes for value in tensors.values())
-        (out / t5.INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / t5.INDEX_FILE).write_text(json.dumps(index, indent=2))
 
     config = json.loads((src / t5.CONFIG_FILE).read_text())
     config |= {"architectures": [_encoder_architecture(spec.architecture)], "torch_dtype": dtype, "dtype": dtype}
@@ -89,7 +90,7 @@ def convert(src, out, *, dtype: str = "bfloat16", shard_bytes: int = 5 << 30) ->
         if (src / name).is_file():
             shutil.copyfile(src / name, out / name)
     record = {"source": str(src.absolute()), "source_architecture": spec.architecture, "dtype": dtype,
-              "source_fingerprint": t5.fingerprint(src), "parameters": int(sum(v.size for v in tensors.values()))}
+              "source_sha256": t5.digests(src)["weights"], "parameters": int(sum(v.size for v in tensors.values()))}
     (out / RECORD).write_text(json.dumps(record, indent=2) + "\n")
     return out
 

@@ -96,6 +96,12 @@ class LatentCache:
         self.text_encoder = self.info.get("text_encoder")  # a frozen encoder's record, or None (bytes)
         self.null_text = None  # {"text_tokens", "text_mask", "text_features"} of the empty caption
         if self.text_encoder is not None:
+            if not (path / NULL_TEXT).is_file():
+                raise FileNotFoundError(
+                    f"the latent cache {self.directory!r} holds text features but not {NULL_TEXT}, the empty caption's "
+                    f"(what a dropped caption becomes): rerun the command that wrote it (`{WRITE_COMMAND}`), which "
+                    "writes only what is missing."
+                )
             with np.load(path / NULL_TEXT) as null:
                 self.null_text = {"text_tokens": null["text_tokens"], "text_mask": null["text_mask"],
                                   "text_features": from_bfloat16_bits(null["text_features"])}
@@ -188,8 +194,9 @@ class LatentCache:
         if config.text.encoder == "byte":
             if recorded is not None:
                 raise ConfigError(
-                    f"{where} holds the features of the frozen text encoder in {recorded['path']!r} but this config "
-                    f"trains a byte text encoder: set --text.encoder t5 --text.path {recorded['path']}, or {write}."
+                    f"{where} holds the features of a frozen {recorded['config'].get('model_type', 't5')} text encoder "
+                    f"but this config trains a byte text encoder: set --text.encoder t5 --text.path DIR (the encoder "
+                    f"it was written with), or {write}."
                 )
             return
         if recorded is None:

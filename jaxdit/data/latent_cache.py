@@ -221,8 +221,9 @@ def write_cache(
     todo = [k for k in mine if not (directory / shard_name(k)).is_dir()]
     encode = _encoder(codec, batch_size) if todo else None
     tokenizer = make_tokenizer(config.text)
-    text_features = _text_features(config, batch_size) if todo or not (directory / NULL_TEXT).is_file() else None
-    if text_features is not None and process_index == 0 and not (directory / NULL_TEXT).is_file():
+    write_null = process_index == 0 and not (directory / NULL_TEXT).is_file()  # one process writes it
+    text_features = _text_features(config, batch_size) if todo or write_null else None
+    if text_features is not None and write_null:
         null = tokenizer.encode_batch([""])  # what a dropped caption becomes in training
         null["text_features"] = text_features(null["text_tokens"], null["text_mask"])
         with open(directory / (NULL_TEXT + _TMP_SUFFIX), "wb") as file:

@@ -5,7 +5,8 @@ A batch is {"video": uint8 (B, T, H, W, 3), "text_tokens": int32 (B, L), "text_m
 (plus "label" (B,) when the source has class labels), B being this process's share of the
 global batch. From a latent cache (data.source="cache", `jaxdit.data.latent_cache`) the clips
 are already encoded: the batch has "latents" float32 (B, t, h, w, c) in place of "video", and
-the captions' cached tokens (and, with a frozen T5, its cached "text_features" (B, L, E) bfloat16). The iterator's state (`get_state` / `set_state`) is small and
+the captions' cached tokens (and, with a frozen T5, its cached "text_features" (B, L, E) bfloat16).
+The iterator's state (`get_state` / `set_state`) is small and
 exact: a restored iterator yields the same next batch, so training resumes mid-epoch.
 """
 
