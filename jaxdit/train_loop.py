@@ -55,6 +55,12 @@ def check_config(config: Config, mesh: jax.sharding.Mesh, codec) -> None:
             f"train.batch_size={config.train.batch_size} must be divisible by the {devices} devices "
             f"(and {processes} processes) it is split over; use a multiple of {devices}."
         )
+    context = mesh.shape["context"]
+    if jax.local_device_count() % context:  # each process reads its own examples: a clip's devices must share them
+        raise ConfigError(
+            f"train.context={context} must divide the {jax.local_device_count()} devices of each process: "
+            "the devices that split one clip's tokens must be on the same host."
+        )
     if config.task == "codec":
         if config.data.source == "cache":
             raise ConfigError("a codec trains on videos, not on a latent cache: set data.source to shapes or folder.")
@@ -101,7 +107,7 @@ def train(config: Config, workdir: str | pathlib.Path) -> dict:
     if config.codec.kind == "saved":  # recorded as an absolute path, so the run loads it from anywhere
         config = dataclasses.replace(config, codec=dataclasses.replace(config.codec, path=os.path.abspath(config.codec.path)))
     cfg = config.train
-    mesh = make_mesh(cfg.fsdp)
+    mesh = make_mesh(cfg.fsdp, context=cfg.context)
     codec = make_codec(config.codec)
     check_config(config, mesh, codec)
     primary = jax.process_index() == 0

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from jaxdit import diffusion, flow
+from jaxdit import context_parallel, diffusion, flow
 from jaxdit.codec import frozen_codec_state  # noqa: F401 (what the step takes as codec_state; callers find it here too)
 from jaxdit.codec.autoencoder import VideoAutoencoder, codec_loss
 from jaxdit.config import Config, TrainConfig
@@ -198,6 +198,8 @@ def make_train_step(config: Config, graphdef: nnx.GraphDef, codec, mesh: jax.sha
     """`train_step` jitted once over the mesh, with the state donated: `step(state, batch, rng, codec_state)`.
 
     codec_state is `frozen_codec_state(codec, mesh)`, the codec's arrays replicated over the mesh.
+    The step is traced on the mesh, so a `context` axis over several devices splits the video tokens
+    (`jaxdit.context_parallel`).
     """
     state_shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -205,7 +207,7 @@ def make_train_step(config: Config, graphdef: nnx.GraphDef, codec, mesh: jax.sha
         train_step, graphdef=graphdef, codec_graphdef=nnx.graphdef(codec), config=config, tx=make_optimizer(config.train)
     )
     return jax.jit(
-        step,
+        context_parallel.traced_on(mesh, step),
         in_shardings=(state_shardings, batch_sharding(mesh), replicated, replicated),
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,
