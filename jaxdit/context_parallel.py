@@ -15,10 +15,10 @@ sharding `split_tokens` puts on the tokens. Only attention communicates, written
   - ring: each device keeps its queries and passes its K/V block around a ring of c devices with
     `lax.ppermute`; every block's partial attention is merged by its log-sum-exp (online softmax).
     The next block is sent before the current one is computed, so the transfer overlaps compute.
-    Any head count. Ring blocks need their log-sum-exp, which the fused kernels do not return,
-    so they are computed with XLA math (einsum + logsumexp, in float32), each under
-    `jax.checkpoint`: the backward pass recomputes a block's scores instead of keeping them, so
-    memory is linear in the tokens.
+    Any head count. Merging needs each block's log-sum-exp, which the fused kernels do not
+    return, so ring blocks are computed with XLA math (einsum, then the log-sum-exp kept as its
+    max and sum of exponentials, in float32), each under `jax.checkpoint`: the backward pass
+    recomputes a block's scores instead of keeping them, so memory is linear in the tokens.
   - ulysses_ring (USP): Ulysses within groups of u neighbouring devices, a ring of r = c / u
     across the groups, for context sizes larger than the heads allow Ulysses alone.
 - cross-attention: the text tokens are replicated over the context axis, so each device attends
@@ -126,8 +126,8 @@ def self_attention(
     local = functools.partial(_local_self_attention, ulysses=ulysses, ring=ring, implementation=implementation)
     tokens = PartitionSpec(_batch_axes(q.shape[0]), CONTEXT_AXIS)
     if mask is None:
-        out = jax.shard_map(lambda q, k, v: local(q, k, v, None), in_specs=(tokens,) * 3, out_specs=tokens)(q, k, v)
-        return out  # (B, N, K, Dh)
+        no_mask = lambda q, k, v: local(q, k, v, None)
+        return jax.shard_map(no_mask, in_specs=(tokens,) * 3, out_specs=tokens)(q, k, v)  # (B, N, K, Dh)
     out = jax.shard_map(local, in_specs=(tokens,) * 4, out_specs=tokens)(q, k, v, mask)  # (B, N, K, Dh)
     if ring > 1:  # as attention(): a query whose keys are all masked gets zeros
         out = out * mask.any(axis=1)[:, None, None, None].astype(out.dtype)

@@ -47,8 +47,8 @@ def make_mesh(fsdp: int = 1, devices=None, *, context: int = 1) -> jax.sharding.
             raise ValueError(f"{name} must be at least 1, got {size}.")
     if len(devices) % (fsdp * context):
         raise ValueError(
-            f"train.fsdp={fsdp} x train.context={context} = {fsdp * context} does not divide the {len(devices)} "
-            f"devices; pick sizes whose product divides {len(devices)}."
+            f"train.context={context} x train.fsdp={fsdp} = {fsdp * context} does not divide the {len(devices)} "
+            f"devices; pick sizes whose product divides {len(devices)} (sample.py --context: a divisor of it)."
         )
     shape = (len(devices) // (fsdp * context), fsdp, context)
     # Auto axes: XLA propagates shardings through the step from the inputs' shardings.
