@@ -11,7 +11,8 @@ sharding `split_tokens` puts on the tokens. Only attention communicates, written
 - self-attention, by `model.context_attention` (`jaxdit.config.context_degrees` says how c splits):
   - ulysses: an all-to-all turns the sequence shards into head shards (every token, K/c heads),
     the project's `attention()` runs locally (so cuDNN / splash / XLA all compose), and an
-    all-to-all turns the result back. The heads must divide by c.
+    all-to-all turns the result back. The heads must divide by c. Where the local attention is
+    XLA's, it is rematerialised: its backward pass recomputes the scores rather than keeping them.
   - ring: each device keeps its queries and passes its K/V block around a ring of c devices with
     `lax.ppermute`; every block's partial attention is merged by its log-sum-exp (online softmax).
     The next block is sent before the current one is computed, so the transfer overlaps compute.
@@ -39,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from jaxdit.attention import attention
+from jaxdit.attention import attention, resolve_implementation
 from jaxdit.config import CONTEXT_AXIS, context_degrees
 
 # A masked key's logit: exp of it minus any real logit is exactly 0 in float32, and unlike -inf
@@ -159,7 +160,12 @@ def _local_self_attention(q, k, v, mask, *, ulysses: int, ring: int, implementat
     if ring > 1:
         out = _ring_attention(q, k, v, mask, ulysses=ulysses, ring=ring)  # (b, u n, K/u, Dh)
     else:
-        out = attention(q, k, v, mask=mask, implementation=implementation)  # (b, N, K/c, Dh)
+        local = functools.partial(attention, implementation=implementation)
+        if resolve_implementation(implementation, q.dtype, q.shape[-1], (q.shape[1], k.shape[1])) == "xla":
+            # XLA's attention would keep the (b, K/c, N, N) probabilities for the backward pass:
+            # recompute them there instead, as the fused kernels do, so memory falls as 1/c.
+            local = jax.checkpoint(local)
+        out = local(q, k, v, mask=mask)  # (b, N, K/c, Dh)
     if ulysses > 1:
         out = _heads_to_sequence(out, groups)  # (b, n, K, Dh)
     return out
