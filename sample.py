@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, help="frame height and width (default: the run's data.size)")
     parser.add_argument("--batch-size", type=int, help="samples per forward pass (default: all at once)")
     parser.add_argument("--text-path", help="a text.encoder='t5' run's encoder folder, when it moved since training")
+    parser.add_argument("--context", type=int, default=1,
+                        help="split each video's tokens over this many devices (context parallelism, for long "
+                             "videos); it must divide the local devices (default: 1)")
     parser.add_argument("--fps", type=float, help="frames per second of .mp4/.gif (default: the run's sample.fps)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -70,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     from jaxdit.pipeline import Pipeline
 
     try:
-        pipe = Pipeline.load(args.workdir, step=args.step, text_path=args.text_path)
+        pipe = Pipeline.load(args.workdir, step=args.step, context=args.context, text_path=args.text_path)
         model = pipe.config.model
         if args.class_label and (not model.num_classes or model.has_text):
             parser.error(f"--class-label needs a class-conditional model without text; {args.workdir} "

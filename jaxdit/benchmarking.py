@@ -31,6 +31,22 @@ def peak_memory_bytes(devices) -> int | None:
     return max(peaks) if peaks else None
 
 
+def compiled_memory(compiled) -> dict:
+    """What XLA's compiled program holds on one device (an SPMD program is one device's): its
+    arguments, outputs and temporaries (activations, gradients, workspace), and their sum less the
+    outputs that reuse a donated argument's buffer; XLA's own account, so also on CPU, where the
+    allocator keeps no peak (and nothing is donated)."""
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return {"memory_per_device_bytes": None}
+    sizes = {
+        "argument_bytes": int(stats.argument_size_in_bytes), "output_bytes": int(stats.output_size_in_bytes),
+        "alias_bytes": int(stats.alias_size_in_bytes), "temp_bytes": int(stats.temp_size_in_bytes),
+    }
+    total = sizes["argument_bytes"] + sizes["output_bytes"] - sizes["alias_bytes"] + sizes["temp_bytes"]
+    return sizes | {"memory_per_device_bytes": total}
+
+
 def describe(benchmark: str, config, devices: int, tokens: int) -> dict:
     """The head of a record: which benchmark, config and model ran, on what, and the self-attention
     implementation that ran over its `tokens` space-time tokens (the model's own choice under "auto")."""
@@ -77,8 +93,9 @@ def report(record: dict, *, config_file: str, flags: list[str], out: str | None)
     return record
 
 
-def synthetic_batch(config, latent_shape, *, latents: bool, mesh):
-    """A random global batch made on the devices, split over the mesh as train.py's batches are."""
+def synthetic_batch(config, latent_shape, *, latents: bool, mesh, abstract: bool = False):
+    """A random global batch made on the devices, split over the mesh as train.py's batches are
+    (`abstract`: only its shapes, dtypes and shardings)."""
     import jax
     import jax.numpy as jnp
 
@@ -107,13 +124,16 @@ def synthetic_batch(config, latent_shape, *, latents: bool, mesh):
             batch["label"] = jax.random.randint(label_key, (b,), 0, model.num_classes, jnp.int32)  # (B,)
         return batch
 
-    return jax.jit(make, out_shardings=batch_sharding(mesh))(jax.random.key(config.train.seed))
+    make = jax.jit(make, out_shardings=batch_sharding(mesh))
+    return (jax.eval_shape if abstract else lambda f, key: f(key))(make, jax.random.key(config.train.seed))
 
 
-def compiled_train_step(config, *, latents: bool) -> dict:
+def compiled_train_step(config, *, latents: bool, abstract: bool = False) -> dict:
     """train.py's jitted train step for `config`, compiled ahead of time, with a fresh state, a
     synthetic batch (`synthetic_batch`) and the frozen codec's and text encoder's states. With `latents`
-    the batch holds (num_frames, size, size, in_channels) latents and the step never calls a codec.
+    the batch holds (num_frames, size, size, in_channels) latents and the step never calls a codec. With
+    `abstract` the state and batch are only shapes (nothing is allocated: for memory figures of models too
+    big for this machine) and the step cannot be run.
 
     Returns {"step": compiled(state, batch, rng, *frozen) -> (state, metrics), "state", "batch",
     "frozen": (codec_state, text_state), "latent_shape", "mesh", "compile_s"}.
@@ -124,7 +144,7 @@ def compiled_train_step(config, *, latents: bool) -> dict:
 
     from jaxdit import frozen_text
     from jaxdit.codec import IdentityCodec, frozen_codec_state, make_codec
-    from jaxdit.sharding import make_mesh
+    from jaxdit.sharding import data_parallel_size, make_mesh
     from jaxdit.train_loop import check_config
     from jaxdit.train_step import abstract_train_state, create_train_state, make_train_step, model_graphdef
 
@@ -132,22 +152,26 @@ def compiled_train_step(config, *, latents: bool) -> dict:
         raise ValueError("the train-step benchmarks time the DiT train step: use a DiT config (task='dit').")
     config = frozen_text.resolve(config)
     model, data = config.model, config.data
-    mesh = make_mesh(config.train.fsdp)
+    mesh = make_mesh(config.train.fsdp, context=config.train.context)
     if latents:  # the step reads latents from the batch and never calls the codec
         codec = IdentityCodec()
         latent_shape = (data.num_frames, data.size, data.size, model.in_channels)
-        if config.train.batch_size % mesh.size:
-            raise ValueError(f"--batch-size {config.train.batch_size} must be divisible by the {mesh.size} devices.")
+        devices = data_parallel_size(mesh)
+        if config.train.batch_size % devices:
+            raise ValueError(
+                f"--batch-size {config.train.batch_size} must be divisible by the {devices} data-parallel devices "
+                f"(devices / context)."
+            )
     else:
         codec = make_codec(config.codec)
         check_config(config, mesh, codec)
         latent_shape = tuple(codec.latent_shape((data.num_frames, data.size, data.size, 3)))
     abstract_state = abstract_train_state(config, mesh)
-    state = create_train_state(config, abstract_state)
+    state = abstract_state if abstract else create_train_state(config, abstract_state)
     text_encoder = frozen_text.load(config, mesh)
     step = make_train_step(config, model_graphdef(config), codec, mesh, abstract_state, text_encoder)
     frozen = (frozen_codec_state(codec, mesh), text_encoder[1])
-    batch = synthetic_batch(config, latent_shape, latents=latents, mesh=mesh)
+    batch = synthetic_batch(config, latent_shape, latents=latents, mesh=mesh, abstract=abstract)
     start = time.perf_counter()
     compiled = step.lower(state, batch, jax.random.key(0), *frozen).compile()
     return {

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxdit import context_parallel
 from jaxdit.attention import apply_rope, attention
 
 _NORM_EPS = 1e-6  # DiT's LayerNorm epsilon
@@ -39,11 +40,17 @@ class QKNorm(nnx.Module):
 
 
 class SelfAttention(nnx.Module):
-    """Multi-head self-attention: over all space-time tokens in DiT blocks, over valid text tokens in the encoder."""
+    """Multi-head self-attention: over all space-time tokens in DiT blocks, over valid text tokens in the encoder.
 
-    def __init__(self, width: int, heads: int, *, implementation: str, qk_norm: bool = False, dtype,
-                 rngs: nnx.Rngs):
+    context_attention: how the attention runs over tokens split along the mesh's context axis
+    (`jaxdit.context_parallel`; one of CONTEXT_ATTENTION), for the DiT's video tokens; None (the
+    text encoder): the tokens are never split.
+    """
+
+    def __init__(self, width: int, heads: int, *, implementation: str, qk_norm: bool = False,
+                 context_attention: str | None = None, ulysses_degree: int = 0, dtype, rngs: nnx.Rngs):
         self.heads, self.implementation = heads, implementation
+        self.context_attention, self.ulysses_degree = context_attention, ulysses_degree
         self.qkv = nnx.Linear(width, 3 * width, kernel_init=xavier, dtype=dtype, rngs=rngs)
         self.proj = nnx.Linear(width, width, kernel_init=xavier, dtype=dtype, rngs=rngs)
         self.qk_norm = nnx.data(QKNorm(width // heads, dtype=dtype, rngs=rngs) if qk_norm else None)
@@ -56,12 +63,18 @@ class SelfAttention(nnx.Module):
             q, k = self.qk_norm(q, k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = attention(q, k, v, mask=mask, implementation=self.implementation)  # (B, N, K, Dh)
+        if self.context_attention is None:
+            out = attention(q, k, v, mask=mask, implementation=self.implementation)  # (B, N, K, Dh)
+        else:
+            out = context_parallel.self_attention(
+                q, k, v, mask=mask, mode=self.context_attention, implementation=self.implementation,
+                ulysses_degree=self.ulysses_degree,
+            )  # (B, N, K, Dh)
         return self.proj(einops.rearrange(out, "b n k h -> b n (k h)"))  # (B, N, D)
 
 
 class CrossAttention(nnx.Module):
-    """Video tokens attend to the valid text tokens."""
+    """Video tokens attend to the valid text tokens (each context-parallel device from its own video tokens)."""
 
     def __init__(self, width: int, heads: int, text_dim: int, *, implementation: str, qk_norm: bool = False, dtype,
                  rngs: nnx.Rngs):
@@ -76,7 +89,7 @@ class CrossAttention(nnx.Module):
         k, v = einops.rearrange(self.kv(text), "b l (two k h) -> two b l k h", two=2, k=self.heads)  # 2x(B, L, K, Dh)
         if self.qk_norm is not None:
             q, k = self.qk_norm(q, k)
-        out = attention(q, k, v, mask=text_mask, implementation=self.implementation)  # (B, N, K, Dh)
+        out = context_parallel.cross_attention(q, k, v, mask=text_mask, implementation=self.implementation)  # (B, N, K, Dh)
         return self.proj(einops.rearrange(out, "b n k h -> b n (k h)"))  # (B, N, D)
 
 
@@ -96,15 +109,20 @@ class DiTBlock(nnx.Module):
 
     The condition c gives a (shift, scale, gate) triple per sublayer: self-attention, the MLP
     and, with `text_dim > 0`, cross-attention to the text tokens (its triple comes last, so the
-    first six chunks keep DiT's layout).
+    first six chunks keep DiT's layout). Its self-attention runs over tokens split along the mesh's
+    context axis as `context_attention` says (`jaxdit.context_parallel`).
     """
 
     def __init__(
         self, width: int, heads: int, mlp_ratio: float, *, text_dim: int = 0, attention: str = "auto",
-        qk_norm: bool = False, dtype=jnp.float32, rngs: nnx.Rngs,
+        qk_norm: bool = False, context_attention: str = "ulysses_ring", ulysses_degree: int = 0,
+        dtype=jnp.float32, rngs: nnx.Rngs,
     ):
         self.norm1 = layer_norm(width, dtype, rngs)
-        self.attn = SelfAttention(width, heads, implementation=attention, qk_norm=qk_norm, dtype=dtype, rngs=rngs)
+        self.attn = SelfAttention(
+            width, heads, implementation=attention, qk_norm=qk_norm, context_attention=context_attention,
+            ulysses_degree=ulysses_degree, dtype=dtype, rngs=rngs,
+        )
         self.norm2 = layer_norm(width, dtype, rngs)
         self.mlp = Mlp(width, int(width * mlp_ratio), dtype=dtype, rngs=rngs)
         if text_dim:
@@ -120,12 +138,14 @@ class DiTBlock(nnx.Module):
 
     def __call__(
         self, x: jax.Array, c: jax.Array, text: jax.Array | None = None, text_mask: jax.Array | None = None,
-        rope=None,
+        rope=None, token_mask: jax.Array | None = None,
     ) -> jax.Array:
-        """x (B, N, D), c (B, D), text (B, L, E), text_mask (B, L); rope: rotary (cos, sin) (N, Dh/2) or None."""
+        """x (B, N, D), c (B, D), text (B, L, E), text_mask (B, L); rope: rotary (cos, sin) (N, Dh/2) or None;
+        token_mask (B, N) bool: the tokens self-attention may attend to (None: all; False: padding)."""
         mods = jnp.split(self.modulation(nnx.silu(c)), 9 if self.cross is not None else 6, axis=-1)  # each (B, D)
         shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp = mods[:6]
-        x = x + gate_attn[:, None] * self.attn(modulate(self.norm1(x), shift_attn, scale_attn), rope=rope)  # (B, N, D)
+        h = self.attn(modulate(self.norm1(x), shift_attn, scale_attn), mask=token_mask, rope=rope)  # (B, N, D)
+        x = x + gate_attn[:, None] * h  # (B, N, D)
         if self.cross is not None:
             shift_cross, scale_cross, gate_cross = mods[6:]
             h = modulate(self.norm_cross(x), shift_cross, scale_cross)  # (B, N, D)

@@ -9,6 +9,7 @@ Config files (`configs/*.py`) define `get_config()` returning a `Config`; `load_
 
 import dataclasses
 import importlib.util
+import math
 import pathlib
 import re
 
@@ -32,6 +33,14 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 # How tokens know where they are: fixed 3-D sin-cos embeddings added to the tokens (DiT; what its
 # imported checkpoints need), or 3-D rotary angles inside self-attention (Wan, HunyuanVideo, Open-Sora 2.0).
 POSITIONS = ("sincos", "rope")
+# How self-attention runs when the video tokens are split over the mesh's `context` axis
+# (train.context > 1; jaxdit.context_parallel): "ulysses" all-to-alls the sequence shards into head
+# shards (the heads must divide by the context size); "ring" passes K/V blocks around the devices (any
+# head count); "ulysses_ring" (USP) does Ulysses within groups of model.ulysses_degree devices and a
+# ring across the groups.
+CONTEXT_ATTENTION = ("ulysses_ring", "ulysses", "ring")
+# The mesh axis over which video tokens are split along the sequence (jaxdit.sharding builds the mesh).
+CONTEXT_AXIS = "context"
 # What a block keeps for the backward pass: everything, nothing (recompute the block),
 # or only the matmul outputs.
 REMAT_POLICIES = ("none", "full", "dots")
@@ -66,6 +75,33 @@ def resolve_sampler(sampler: str, process: str) -> str:
             f"(diffusion.process={process!r})."
         )
     return sampler
+
+
+def context_degrees(mode: str, heads: int, context: int, ulysses_degree: int = 0) -> tuple[int, int]:
+    """How `context` devices split a self-attention of `heads` heads: (Ulysses degree u, ring degree r),
+    u * r = context. Ulysses gives each device heads / u of the heads, so u must divide them.
+
+    ulysses: (context, 1); ring: (1, context); ulysses_ring: u = ulysses_degree, or gcd(heads, context) when 0.
+    """
+    if mode == "ring" or context == 1:
+        return 1, context
+    if mode == "ulysses":
+        if heads % context:
+            raise ValueError(
+                f"model.context_attention='ulysses' gives each of the {context} devices of the context axis "
+                f"(train.context) an equal share of the heads, so the {heads} heads must be divisible by "
+                f"{context}. Use model.context_attention='ring' (any head count) or 'ulysses_ring' "
+                f"(Ulysses over gcd(heads, context) = {math.gcd(heads, context)} devices, a ring across them), "
+                "or a context size that divides the heads."
+            )
+        return context, 1
+    ulysses = ulysses_degree or math.gcd(heads, context)
+    if heads % ulysses or context % ulysses:
+        raise ValueError(
+            f"model.ulysses_degree={ulysses} must divide both the {heads} heads and train.context={context}; "
+            f"use 0 for gcd(heads, context) = {math.gcd(heads, context)}."
+        )
+    return ulysses, context // ulysses
 
 
 class ConfigError(ValueError):
@@ -127,9 +163,22 @@ class ModelConfig:
     # learned mask embedding (MDT / MaskDiT): their prediction must come from the other tokens,
     # which teaches the model how the tokens of one clip depend on each other. 0: off.
     token_mask_ratio: float = 0.0
+    # Self-attention over video tokens split along the sequence (train.context > 1): one of
+    # CONTEXT_ATTENTION. It changes how attention communicates, never its result or the parameters.
+    context_attention: str = "ulysses_ring"
+    # ulysses_ring: devices per Ulysses group (must divide the heads and the context size);
+    # 0: gcd(heads, context size), as much Ulysses as the heads allow, the rest a ring.
+    ulysses_degree: int = 0
 
     def __post_init__(self):
         (width, _, heads), _ = parse_variant(self.variant)
+        _check_choice("model.context_attention", self.context_attention, CONTEXT_ATTENTION)
+        _check_minimums("model", self, ulysses_degree=0)
+        if self.ulysses_degree and heads % self.ulysses_degree:
+            raise ValueError(
+                f"model.ulysses_degree={self.ulysses_degree} must divide the {heads} heads of {self.variant}; "
+                "use a divisor, or 0 for gcd(heads, train.context)."
+            )
         _check_choice("model.dtype", self.dtype, DTYPES)
         _check_choice("model.positions", self.positions, POSITIONS)
         if not 0.0 <= self.token_mask_ratio < 1.0:
@@ -333,13 +382,16 @@ class TrainConfig:
     ema_decay: float = 0.9999  # exponential moving average of the parameters, used for sampling
     max_bad_steps: int = 10  # stop after this many consecutive steps with a non-finite loss
     fsdp: int = 1  # devices per parameter shard (the mesh's fsdp axis); the rest is data parallel
+    # devices over which each clip's video tokens are split along the sequence (the mesh's context
+    # axis; jaxdit.context_parallel): activation memory per device falls about 1/context
+    context: int = 1
     checkpoint_every: int = 1000  # steps; a checkpoint is also written at the end
     keep_checkpoints: int = 3
     log_every: int = 50  # steps between metrics.jsonl / TensorBoard records
 
     def __post_init__(self):
         _check_minimums(
-            "train", self, steps=1, batch_size=1, warmup_steps=0, max_bad_steps=1, fsdp=1,
+            "train", self, steps=1, batch_size=1, warmup_steps=0, max_bad_steps=1, fsdp=1, context=1,
             checkpoint_every=1, keep_checkpoints=1, log_every=1,
         )
         _check_choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
@@ -408,6 +460,7 @@ class Config:
             )
         if self.diffusion.process == "flow" and self.model.learn_sigma:
             raise ValueError("model.learn_sigma is DDPM's learned variance: a flow run (diffusion.process='flow') has none.")
+        context_degrees(self.model.context_attention, self.model.heads, self.train.context, self.model.ulysses_degree)
         if self.sample.guidance_channels > self.model.in_channels:
             raise ValueError(
                 f"sample.guidance_channels={self.sample.guidance_channels} exceeds the model's "

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxdit import context_parallel
 from jaxdit.blocks import DiTBlock, FinalLayer
 from jaxdit.config import ModelConfig
 from jaxdit.embed import LabelEmbedder, PooledTextEmbedder, TimestepEmbedder
@@ -28,7 +29,9 @@ class VideoDiT(nnx.Module):
     patchify -> linear patch embedding (a Conv3d with stride = kernel = patch) + fixed 3-D
     positions -> blocks (adaLN-Zero on c = t_embed + label_embed + pooled_text) -> final layer
     -> unpatchify. Parameters are float32; computation runs in `config.dtype`. With
-    `config.scan_layers` the blocks are one stacked DiTBlock applied by a scan over layers.
+    `config.scan_layers` the blocks are one stacked DiTBlock applied by a scan over layers. Traced
+    on a mesh with a `context` axis, the tokens are split along the sequence over it from the
+    patch embedding to the final layer (`jaxdit.context_parallel`); the result is the same.
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
@@ -48,7 +51,8 @@ class VideoDiT(nnx.Module):
         def make_block(rngs: nnx.Rngs) -> DiTBlock:
             return DiTBlock(
                 width, config.heads, config.mlp_ratio, text_dim=cross_dim, attention=config.attention,
-                qk_norm=config.qk_norm, dtype=dtype, rngs=rngs,
+                qk_norm=config.qk_norm, context_attention=config.context_attention,
+                ulysses_degree=config.ulysses_degree, dtype=dtype, rngs=rngs,
             )
 
         if config.token_mask_ratio:
@@ -100,14 +104,17 @@ class VideoDiT(nnx.Module):
         if self.text_embed is not None:
             c = c + self.text_embed(text, text_mask)  # (B, D)
 
+        num_tokens = tokens.shape[1]
+        # Over a context axis: padded to a multiple of its size (masked keys) and split along N.
+        tokens, rope, token_mask = context_parallel.split_tokens(tokens, rope)  # (B, N', D), N' >= N
         cross_text = (text, text_mask) if cfg.has_text and cfg.cross_attention else (None, None)
         if cfg.scan_layers:
-            tokens = self._scan_blocks(tokens, c, *cross_text, rope)  # (B, N, D)
+            tokens = self._scan_blocks(tokens, c, *cross_text, rope, token_mask)  # (B, N', D)
         else:
             for block in self.blocks:
-                tokens = self._run_block(block, tokens, c, *cross_text, rope)  # (B, N, D)
+                tokens = self._run_block(block, tokens, c, *cross_text, rope, token_mask)  # (B, N', D)
 
-        out = self.final(tokens, c)  # (B, N, P_out)
+        out = context_parallel.gather_tokens(self.final(tokens, c), num_tokens)  # (B, N, P_out)
         return unpatchify(out.astype(jnp.float32), cfg.patch, grid)  # (B, T, H, W, C_out)
 
     def _hide_tokens(self, tokens: jax.Array) -> jax.Array:
@@ -118,16 +125,18 @@ class VideoDiT(nnx.Module):
         hidden = jax.random.uniform(token_key, tokens.shape[:2]) < ratio  # (B, N)
         return jnp.where(hidden[..., None], self.mask_token.astype(tokens.dtype), tokens)  # (B, N, D)
 
-    def _scan_blocks(self, tokens, c, text, text_mask, rope):
+    def _scan_blocks(self, tokens, c, text, text_mask, rope, token_mask):
         """The stacked blocks in order, one layer's parameters per scan step; remat applies per block."""
-        step = lambda tokens, block: self._run_block(block, tokens, c, text, text_mask, rope)  # (B, N, D)
+        step = lambda tokens, block: self._run_block(block, tokens, c, text, text_mask, rope, token_mask)  # (B, N, D)
         return nnx.scan(step, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(tokens, self.stacked_blocks)
 
-    def _run_block(self, block, tokens, c, text, text_mask, rope):
+    def _run_block(self, block, tokens, c, text, text_mask, rope, token_mask):
         if self.config.remat == "none":
-            return block(tokens, c, text, text_mask, rope)
+            return block(tokens, c, text, text_mask, rope, token_mask)
         policy = _REMAT_POLICIES[self.config.remat]
-        return nnx.remat(lambda blk, *args: blk(*args), policy=policy)(block, tokens, c, text, text_mask, rope)
+        return nnx.remat(lambda blk, *args: blk(*args), policy=policy)(
+            block, tokens, c, text, text_mask, rope, token_mask
+        )
 
     def _check_inputs(self, x, t, text, text_mask, label):
         """Shape and presence checks with messages that say what to pass; returns the text mask."""

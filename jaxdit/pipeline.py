@@ -7,7 +7,8 @@
 Generation is one jitted program per (sampler, steps, shape, batch): encode the prompts once,
 run the whole reverse diffusion as a `lax.scan` with classifier-free guidance batched into
 one forward pass, decode with the frozen codec, clip and convert to uint8. Samples are split
-over every local device. Sample j (prompts in order, the samples of a prompt adjacent) starts
+over every local device, or with `context` > 1 each sample's video tokens over groups of that
+many devices (`jaxdit.context_parallel`) and the samples over the groups. Sample j (prompts in order, the samples of a prompt adjacent) starts
 from the noise of fold_in(key(seed), j), so the same seed gives the same videos on any number
 of devices and at any batch size. `VideoSampler` is that program; train.py uses it too.
 """
@@ -25,11 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxdit import frozen_text, sampling
+from jaxdit import context_parallel, frozen_text, sampling
 from jaxdit.checkpoint import Checkpointer
 from jaxdit.codec import frozen_codec_state, make_codec, to_uint8
 from jaxdit.config import Config
-from jaxdit.sharding import batch_sharding, make_mesh
+from jaxdit.sharding import batch_sharding, data_parallel_size, make_mesh
 from jaxdit.text import make_tokenizer
 from jaxdit.train_step import abstract_train_state, flow_shift, model_graphdef
 
@@ -123,8 +124,8 @@ class VideoSampler:
         cond, null = conditions(config, prompts)
         guided = bool(null) and cfg_scale != 1.0  # no condition, or g = 1: one pass per step
         total = len(prompts)
-        devices = self.mesh.size
-        batch = devices * math.ceil(min(batch_size or total, total) / devices)  # a multiple of the devices
+        devices = data_parallel_size(self.mesh)  # the devices that hold different samples
+        batch = devices * math.ceil(min(batch_size or total, total) / devices)  # a multiple of them
         program = self._program(sampler, steps, eta, guided, shape, batch, progress)
         bar = _progress_bar(math.ceil(total / batch) * steps, enabled=progress)
         videos = []
@@ -187,7 +188,7 @@ class VideoSampler:
         replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         text_shardings = jax.tree.map(lambda x: x.sharding, self._text_state)
         return jax.jit(
-            generate,
+            context_parallel.traced_on(self.mesh, generate),
             in_shardings=(
                 self.param_shardings, replicated, replicated, text_shardings, batched, batched, batched, replicated,
                 replicated,
@@ -230,12 +231,17 @@ def _progress_bar(total: int, *, enabled: bool):
 
 
 class Pipeline:
-    """A trained model ready to generate: `.config`, `.model` (the VideoDiT with EMA weights), `.codec`."""
+    """A trained model ready to generate: `.config`, `.model` (the VideoDiT with EMA weights), `.codec`.
 
-    def __init__(self, config: Config, params, model_rngs, *, step: int | None = None, devices=None):
+    devices: the devices to generate on (default: every local one). context: split each video's
+    tokens over groups of this many of them (the mesh's context axis), for videos too long for one
+    device's memory; the samples are split over the groups. The pixels are the same.
+    """
+
+    def __init__(self, config: Config, params, model_rngs, *, step: int | None = None, devices=None, context: int = 1):
         self.config, self.step = config, step
         self.codec = make_codec(config.codec)
-        mesh = make_mesh(1, devices=jax.local_devices() if devices is None else devices)
+        mesh = make_mesh(1, devices=jax.local_devices() if devices is None else devices, context=context)
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         graphdef = model_graphdef(config)
         params = jax.device_put(params, replicated)
@@ -256,9 +262,11 @@ class Pipeline:
 
     @classmethod
     def load(
-        cls, workdir: str | pathlib.Path, *, step: int | None = None, devices=None, text_path: str | None = None
+        cls, workdir: str | pathlib.Path, *, step: int | None = None, devices=None, context: int = 1,
+        text_path: str | None = None,
     ) -> "Pipeline":
-        """The run's config and the EMA weights of its latest checkpoint (or of `step`).
+        """The run's config and the EMA weights of its latest checkpoint (or of `step`); `devices` and
+        `context` as `Pipeline`'s (any context size: the weights do not depend on it).
 
         text_path: where a text.encoder="t5" run's encoder folder is now, if it moved (checked to be the same one).
         """
@@ -289,7 +297,7 @@ class Pipeline:
             mesh = make_mesh(1, devices=[jax.local_devices()[0]])
             state = checkpointer.restore_weights(abstract_train_state(config, mesh), step=step)
         log.info("loaded %s at step %d", workdir, step)
-        return cls(config, state["ema"], state["model_rngs"], step=step, devices=devices)
+        return cls(config, state["ema"], state["model_rngs"], step=step, devices=devices, context=context)
 
     def generate(
         self,

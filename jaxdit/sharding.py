@@ -1,10 +1,12 @@
 """The device mesh, the sharding rules and the multi-host set-up, in one place.
 
-The mesh has two axes. `data`: parameters replicated, the batch split, gradients all-reduced:
+The mesh has three axes. `data`: parameters replicated, the batch split, gradients all-reduced:
 pmap's data parallelism, written with `jax.jit` over a mesh. `fsdp`: the batch split too, and
 every large parameter (with its EMA and optimizer moments) split along one dimension
-(ZeRO-3); XLA gathers a parameter where a layer needs it. The default puts every device on
-`data`. Arrays get their shardings from logical axis names through `RULES`.
+(ZeRO-3); XLA gathers a parameter where a layer needs it. `context`: the batch and the
+parameters replicated, each clip's video tokens split along the sequence, attention written by
+hand in `jaxdit.context_parallel`. The default puts every device on `data`. Arrays get their
+shardings from logical axis names through `RULES`.
 """
 
 import logging
@@ -14,13 +16,16 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
+from jaxdit.config import CONTEXT_AXIS
+
 log = logging.getLogger(__name__)
 
-MESH_AXES = ("data", "fsdp")
+MESH_AXES = ("data", "fsdp", CONTEXT_AXIS)
 # logical axis -> mesh axes. Every array dimension gets one logical name (or None: whole).
 RULES = {
-    "batch": ("data", "fsdp"),  # examples are split over every device
+    "batch": ("data", "fsdp"),  # examples are split over every data-parallel device (not over context)
     "param_shard": "fsdp",  # the one dimension along which a large parameter is split
+    "tokens": CONTEXT_AXIS,  # the video tokens of a clip, inside the model (jaxdit.context_parallel)
 }
 # Parameters smaller than this stay whole on every device: gathering them costs more time
 # than splitting saves memory.
@@ -30,14 +35,24 @@ MIN_SHARDED_SIZE = 2**12
 STACKED_BLOCKS = "stacked_blocks"
 
 
-def make_mesh(fsdp: int = 1, devices=None) -> jax.sharding.Mesh:
-    """A (data, fsdp) mesh over every device of every process (or `devices`)."""
+def make_mesh(fsdp: int = 1, devices=None, *, context: int = 1) -> jax.sharding.Mesh:
+    """A (data, fsdp, context) mesh over every device of every process (or `devices`).
+
+    `context` is the last axis: jax.make_mesh puts it on the most closely connected devices,
+    which attention's all-to-alls and ring passes need most.
+    """
     devices = jax.devices() if devices is None else list(devices)
-    if len(devices) % fsdp:
-        raise ValueError(f"train.fsdp={fsdp} does not divide the {len(devices)} devices; pick a divisor.")
-    shape = (len(devices) // fsdp, fsdp)
+    for name, size in (("train.fsdp", fsdp), ("train.context", context)):
+        if size < 1:
+            raise ValueError(f"{name} must be at least 1, got {size}.")
+    if len(devices) % (fsdp * context):
+        raise ValueError(
+            f"train.context={context} x train.fsdp={fsdp} = {fsdp * context} does not divide the {len(devices)} "
+            f"devices; pick sizes whose product divides {len(devices)} (sample.py --context: a divisor of it)."
+        )
+    shape = (len(devices) // (fsdp * context), fsdp, context)
     # Auto axes: XLA propagates shardings through the step from the inputs' shardings.
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
 def spec(*logical_axes: str | None) -> PartitionSpec:
@@ -81,11 +96,12 @@ def state_sharding(tree, mesh: jax.sharding.Mesh):
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-    """Arrays with a leading batch axis: split over every device."""
+    """Arrays with a leading batch axis: split over the data-parallel devices, replicated over context."""
     return NamedSharding(mesh, spec("batch"))
 
 
 def data_parallel_size(mesh: jax.sharding.Mesh) -> int:
+    """Devices that hold different examples: the batch must be a multiple of this."""
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 

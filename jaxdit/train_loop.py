@@ -59,6 +59,12 @@ def check_config(config: Config, mesh: jax.sharding.Mesh, codec) -> None:
             f"train.batch_size={config.train.batch_size} must be divisible by the {devices} devices "
             f"(and {processes} processes) it is split over; use a multiple of {devices}."
         )
+    context = mesh.shape["context"]
+    if jax.local_device_count() % context:  # each process reads its own examples: a clip's devices must share them
+        raise ConfigError(
+            f"train.context={context} must divide the {jax.local_device_count()} devices of each process: "
+            "the devices that split one clip's tokens must be on the same host."
+        )
     if config.task == "codec":
         if config.data.source == "cache":
             raise ConfigError("a codec trains on videos, not on a latent cache: set data.source to shapes or folder.")
@@ -106,7 +112,7 @@ def train(config: Config, workdir: str | pathlib.Path) -> dict:
         config = dataclasses.replace(config, codec=dataclasses.replace(config.codec, path=os.path.abspath(config.codec.path)))
     config = frozen_text.resolve(config)  # a T5 run: its absolute path, and model.text_dim from its width
     cfg = config.train
-    mesh = make_mesh(cfg.fsdp)
+    mesh = make_mesh(cfg.fsdp, context=cfg.context)
     codec = make_codec(config.codec)
     check_config(config, mesh, codec)
     primary = jax.process_index() == 0

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from jaxdit import diffusion, flow
+from jaxdit import context_parallel, diffusion, flow
 from jaxdit.codec import frozen_codec_state  # noqa: F401 (what the step takes as codec_state; callers find it here too)
 from jaxdit.codec.autoencoder import VideoAutoencoder, codec_loss
 from jaxdit.config import Config, TrainConfig
@@ -215,6 +215,8 @@ def make_train_step(
     codec_state is `frozen_codec_state(codec, mesh)`, the codec's arrays replicated over the mesh.
     text_encoder: `jaxdit.frozen_text.load(config, mesh)`, the frozen encoder's graphdef and the arrays the
     step takes as text_state (keeping their shardings); the default is none (an empty text_state).
+    The step is traced on the mesh, so a `context` axis over several devices splits the video tokens
+    (`jaxdit.context_parallel`).
     """
     text_graphdef, text_state = text_encoder or (None, nnx.State({}))
     state_shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
@@ -225,7 +227,7 @@ def make_train_step(
     )
     text_shardings = jax.tree.map(lambda x: x.sharding, text_state)
     return jax.jit(
-        step,
+        context_parallel.traced_on(mesh, step),
         in_shardings=(state_shardings, batch_sharding(mesh), replicated, replicated, text_shardings),
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,

@@ -12,7 +12,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.py")
 TRAIN_KEYS = (
     "config", "device", "devices", "batch_size", "tokens_per_sample", "flops_per_sample", "compile_s", "step_time_s",
-    "samples_per_s", "tokens_per_s", "tflops_per_s", "mfu", "peak_memory_bytes",
+    "samples_per_s", "tokens_per_s", "tflops_per_s", "mfu", "peak_memory_bytes", "memory_per_device_bytes",
 )
 SAMPLE_KEYS = (
     "config", "device", "devices", "sampler", "steps", "cfg_scale", "batch_size", "flops_per_video", "compile_s",
@@ -52,6 +52,8 @@ def test_train_benchmark(tmp_path, capsys):
     assert record["flops_per_sample"] > 0 and record["tokens_per_sample"] == 32  # 2x16x16 pixels in 1x4x4 patches
     assert record["tflops_per_s"] == pytest.approx(record["flops_per_sample"] * record["samples_per_s"] / 1e12)
     assert math.isfinite(record["loss"])
+    assert record["mesh"] == {"data": 8, "fsdp": 1, "context": 1}
+    assert record["memory_per_device_bytes"] >= record["temp_bytes"] > 0  # XLA's account, also on CPU
 
 
 def test_sample_benchmark(tmp_path, capsys):

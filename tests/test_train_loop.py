@@ -63,6 +63,8 @@ def test_a_run_resumes_onto_another_mesh(tmp_path):
     replicated = restored(tmp_path, TINY, mesh=make_mesh(devices=jax.devices()[:1]))
     assert any("fsdp" in str(x.sharding.spec) for x in jax.tree.leaves(state.params))
     assert all(np.array_equal(a, b) for a, b in zip(arrays(state), arrays(replicated)))
+    with_context = restored(tmp_path, TINY, mesh=make_mesh(fsdp=2, context=2))  # the mesh (2, 2, 2)
+    assert all(np.array_equal(a, b) for a, b in zip(arrays(with_context), arrays(replicated)))
     metrics = train(tiny("--train.steps", "3", "--train.fsdp", "4"), tmp_path)  # and trains on from there
     assert np.isfinite(metrics["loss"]) and int(restored(tmp_path, TINY).step) == 3
 
