@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 log = logging.getLogger(__name__)
 
@@ -300,32 +301,26 @@ def read_weights(folder) -> dict[str, np.ndarray]:
 def convert(tensors: dict[str, np.ndarray], encoder: T5Encoder) -> dict:
     """transformers' encoder tensors -> a pure dict of `encoder`'s parameters, or a ValueError naming
     every missing, extra and mis-shaped key."""
-    expected = nnx.to_pure_dict(nnx.state(encoder, nnx.Param))  # shapes (abstract or real arrays)
-    flat_expected = {path: leaf for path, leaf in _flatten(expected)}
-    mapping = {}  # our path -> transformers key
+    expected = flatten_dict(nnx.to_pure_dict(nnx.state(encoder, nnx.Param)))  # path -> shape (abstract or real)
+    mapping = {}  # our path -> (transformers key, whether torch's (out, in) Linear weight is transposed)
     for i in range(encoder.spec.depth):
-        for key, (path, _) in _BLOCK_KEYS.items():
-            full = ("blocks", i, *path)
-            if full in flat_expected:
-                mapping[full] = f"encoder.block.{i}.{key}"
-    mapping[("final_norm", "weight")] = _FINAL_NORM
-    embedding = next((key for key in _EMBEDDINGS if key in tensors), _EMBEDDINGS[0])
-    mapping[("embed", "embedding")] = embedding
-    transposed = {
-        f"encoder.block.{i}.{key}" for i in range(encoder.spec.depth) for key, (_, t) in _BLOCK_KEYS.items() if t
-    }
+        for key, (path, transposed) in _BLOCK_KEYS.items():
+            if ("blocks", i, *path) in expected:
+                mapping["blocks", i, *path] = (f"encoder.block.{i}.{key}", transposed)
+    mapping["final_norm", "weight"] = (_FINAL_NORM, False)
+    mapping["embed", "embedding"] = (next((key for key in _EMBEDDINGS if key in tensors), _EMBEDDINGS[0]), False)
 
-    missing = [key for key in mapping.values() if key not in tensors]
-    extra = [key for key in tensors if key not in mapping.values() and key not in _EMBEDDINGS]
+    wanted = {key for key, _ in mapping.values()}
+    missing = [key for key in wanted if key not in tensors]
+    extra = [key for key in tensors if key not in wanted and key not in _EMBEDDINGS]
     arrays, misshaped = {}, []
-    for path, key in mapping.items():
+    for path, (key, transposed) in mapping.items():
         if key not in tensors:
             continue
-        value = tensors[key].T if key in transposed else tensors[key]
-        want = tuple(flat_expected[path].shape)
+        value = tensors[key].T if transposed else tensors[key]
+        want = tuple(expected[path].shape)
         if value.shape != want:
-            expected = want[::-1] if key in transposed else want  # in transformers' layout
-            misshaped.append(f"{key} {tuple(tensors[key].shape)} (expected {expected})")
+            misshaped.append(f"{key} {tuple(tensors[key].shape)} (expected {want[::-1] if transposed else want})")
         arrays[path] = value
     problems = []
     if missing:
@@ -339,7 +334,7 @@ def convert(tensors: dict[str, np.ndarray], encoder: T5Encoder) -> dict:
             f"the checkpoint's tensors do not fit the {encoder.spec.architecture} its config.json describes "
             f"({'; '.join(problems)}): is config.json the one saved with these weights?"
         )
-    return _unflatten(arrays)
+    return unflatten_dict(arrays)
 
 
 def _by_layer(keys: list[str]) -> str:
@@ -349,30 +344,13 @@ def _by_layer(keys: list[str]) -> str:
         match = re.fullmatch(r"(encoder\.block\.)(\d+)(\..+)", key)
         pattern = f"{match[1]}{{}}{match[3]}" if match else key
         layers.setdefault(pattern, []).append(match[2] if match else None)
+
     def name(pattern: str, indices: list) -> str:
         if indices[0] is None:
             return pattern
         return pattern.format(indices[0] if len(indices) == 1 else "{" + ",".join(sorted(indices, key=int)) + "}")
 
     return ", ".join(name(pattern, indices) for pattern, indices in layers.items())
-
-
-def _flatten(tree, prefix=()):
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from _flatten(value, (*prefix, key))
-        else:
-            yield (*prefix, key), value
-
-
-def _unflatten(flat: dict) -> dict:
-    tree = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree
 
 
 def load(folder, *, max_length: int = 512, dtype=jnp.float32, sharding=None) -> tuple[T5Encoder, "T5Tokenizer"]:

@@ -125,6 +125,10 @@ def test_umt5_is_told_by_its_model_type(tmp_path, reference):
     out = _features(encoder, reference["ids"], reference["mask"])
     valid = reference["mask"].astype(bool)
     np.testing.assert_allclose(out[valid], reference["umt5_out"][valid], rtol=1e-5, atol=1e-5)
+    from jaxdit.convert.t5 import convert
+
+    encoder_only = convert(folder, tmp_path / "encoder", dtype="float32")  # and the converter names it so
+    assert json.loads((encoder_only / "config.json").read_text())["architectures"] == ["UMT5EncoderModel"]
 
 
 def test_missing_and_extra_tensors_are_named():

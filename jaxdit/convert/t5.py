@@ -23,15 +23,10 @@ import numpy as np
 
 from jaxdit import t5
 
-ENCODER_ARCHITECTURES = {"T5": "T5EncoderModel", "MT5": "MT5EncoderModel", "UMT5": "UMT5EncoderModel"}
+ENCODER_ARCHITECTURES = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}  # by model_type
 DTYPES = ("float32", "bfloat16", "float16")
 RECORD = "converted.json"
 _TOKENIZER_EXTRAS = ("tokenizer_config.json", "special_tokens_map.json")  # copied when present
-
-
-def _encoder_architecture(architecture: str) -> str:
-    family = next(prefix for prefix in ("UMT5", "MT5", "T5") if architecture.startswith(prefix))
-    return ENCODER_ARCHITECTURES[family]
 
 
 def _shards(tensors: dict[str, np.ndarray], limit: int) -> list[dict[str, np.ndarray]]:
@@ -84,7 +79,8 @@ def convert(src, out, *, dtype: str = "bfloat16", shard_bytes: int = 5 << 30) ->
         (out / t5.INDEX_FILE).write_text(json.dumps(index, indent=2))
 
     config = json.loads((src / t5.CONFIG_FILE).read_text())
-    config |= {"architectures": [_encoder_architecture(spec.architecture)], "torch_dtype": dtype, "dtype": dtype}
+    # By model_type, as jaxdit.t5 reads it: hub umT5 configs name T5ForConditionalGeneration.
+    config |= {"architectures": [ENCODER_ARCHITECTURES[config["model_type"]]], "torch_dtype": dtype, "dtype": dtype}
     (out / t5.CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     for name in (*t5.TOKENIZER_FILES, *_TOKENIZER_EXTRAS):
         if (src / name).is_file():
