@@ -2,7 +2,9 @@
 
 16x64x64 pixels in 2x4x4 spacetime patches are 2048 tokens; DiT-S (width 384, 12 blocks) with a
 2-block text encoder. The default run's recipe, scaled up: flow matching predicting the clean clip
-(x0, velocity loss) with logit-normal times, rotary positions and QK-norm. The time shift grows with
+(x0, velocity loss) with logit-normal times, rotary plus sin-cos positions, QK-norm, the input scaled
+by its signal share and a bag of caption bigrams (configs/shapes_tiny.py; not yet run on a GPU:
+with two objects the bag says which words occur, and cross-attention which object each belongs to). The time shift grows with
 the token count as SD3's sqrt rule: 3 at 256 tokens (8x fewer values than here: the default run's
 clips), sqrt(8) x 3 = 8.5 here. 64 fixed prompts are judged at every sample step.
 
@@ -17,12 +19,13 @@ def get_config() -> Config:
     return Config(
         name="shapes",
         model=ModelConfig(
-            variant="S/2x4x4", in_channels=3, text_dim=256, dtype="bfloat16", positions="rope", qk_norm=True
+            variant="S/2x4x4", in_channels=3, text_dim=256, dtype="bfloat16", positions="rope+sincos", qk_norm=True,
+            flow_input_scale=True,
         ),
         diffusion=DiffusionConfig(
             process="flow", prediction="x0", time_sampling="logit_normal", shift=3.0, shift_reference_tokens=256
         ),
-        text=TextConfig(max_length=128, depth=2, heads=4),
+        text=TextConfig(max_length=128, depth=2, heads=4, bigram_buckets=4096),
         data=DataConfig(source="shapes", num_frames=16, size=64, max_objects=2, num_workers=4),
         train=TrainConfig(
             steps=50_000, batch_size=64, learning_rate=2e-4, warmup_steps=1000, lr_schedule="cosine",

@@ -3,8 +3,12 @@
 8 frames of 32x32 pixels are cut into 2x8x8 spacetime patches (64 tokens) for a 4-block model of
 width 128 with a 2-block byte-level text encoder. The recipe (docs/quality.md, "What the default CPU run
 reaches"): flow matching that predicts the clean clip (x0, velocity loss), logit-normal times
-shifted toward noise (s = 3), and 3-D rotary positions with QK-norm, which let the tokens of one
-clip agree on one object; guidance 4. Trains on 2 CPU cores in about 11 minutes (3000 steps, ~75 samples/s).
+shifted toward noise (s = 3); 3-D rotary positions with QK-norm, which let the tokens of one clip
+agree on one object, plus sin-cos positions, from which the prediction at pure noise draws a layout
+that moves; the input scaled by its signal share (1 - t), so that noise does not drown those
+positions; and a hashed bag of caption bigrams in the pooled caption, so that the direction word
+reaches the condition vector as strongly as the colour word. Guidance 4. Trains on 2 CPU cores in
+about 12 minutes (3000 steps, ~75 samples/s).
 
 Sample videos of PROMPTS are written to runs/shapes_tiny/samples/ every 1000 steps and at the
 end, with the prompt-adherence rates of 16 fixed prompts logged beside the loss.
@@ -26,9 +30,12 @@ PROMPTS = (
 def get_config() -> Config:
     return Config(
         name="shapes_tiny",
-        model=ModelConfig(variant="mini/2x8x8", in_channels=3, text_dim=64, positions="rope", qk_norm=True),
+        model=ModelConfig(
+            variant="mini/2x8x8", in_channels=3, text_dim=64, positions="rope+sincos", qk_norm=True,
+            flow_input_scale=True,
+        ),
         diffusion=DiffusionConfig(process="flow", prediction="x0", time_sampling="logit_normal", shift=3.0),
-        text=TextConfig(max_length=48, depth=2, heads=4),
+        text=TextConfig(max_length=48, depth=2, heads=4, bigram_buckets=4096),
         data=DataConfig(source="shapes", num_frames=8, size=32),
         train=TrainConfig(
             steps=3000, batch_size=16, learning_rate=1e-3, warmup_steps=100, lr_schedule="cosine",

@@ -31,8 +31,10 @@ DATA_SOURCES = ("shapes", "folder", "cache")
 # else. The rules are jaxdit.attention.resolve_implementation's.
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 # How tokens know where they are: fixed 3-D sin-cos embeddings added to the tokens (DiT; what its
-# imported checkpoints need), or 3-D rotary angles inside self-attention (Wan, HunyuanVideo, Open-Sora 2.0).
-POSITIONS = ("sincos", "rope")
+# imported checkpoints need), 3-D rotary angles inside self-attention (Wan, HunyuanVideo, Open-Sora 2.0),
+# or both: rotary offsets between tokens, and the absolute place of each, which a prediction made
+# from pure noise (a layout that moves across the clip) can only come from.
+POSITIONS = ("sincos", "rope", "rope+sincos")
 # How self-attention runs when the video tokens are split over the mesh's `context` axis
 # (train.context > 1; jaxdit.context_parallel): "ulysses" all-to-alls the sequence shards into head
 # shards (the heads must divide by the context size); "ring" passes K/V blocks around the devices (any
@@ -158,6 +160,10 @@ class ModelConfig:
     # (`stacked_blocks`); `jaxdit.model.stack_blocks` converts an unrolled model's state.
     scan_layers: bool = False
     positions: str = "sincos"  # one of POSITIONS
+    # Flow matching only: the network sees (1 - t) x_t, x_t scaled by its share of signal, so at high
+    # noise the positions are not drowned by the patch embedding of the noise (at t = 1 the input is
+    # zero and the prediction comes from the positions and the condition alone). Sampling does the same.
+    flow_input_scale: bool = False
     qk_norm: bool = False  # RMSNorm of queries and keys in every attention
     # In training, each sample hides a fraction U(0, token_mask_ratio) of its video tokens behind a
     # learned mask embedding (MDT / MaskDiT): their prediction must come from the other tokens,
@@ -183,9 +189,10 @@ class ModelConfig:
         _check_choice("model.positions", self.positions, POSITIONS)
         if not 0.0 <= self.token_mask_ratio < 1.0:
             raise ValueError(f"model.token_mask_ratio must be in [0, 1), got {self.token_mask_ratio}.")
-        if self.positions == "rope" and ((width // heads) % 2 or width // heads < 6):
+        if "rope" in self.positions and ((width // heads) % 2 or width // heads < 6):
             raise ValueError(
-                f"model.positions='rope' needs an even head width of at least 6; {self.variant} has {width // heads}."
+                f"model.positions={self.positions!r} needs an even head width of at least 6; {self.variant} has "
+                f"{width // heads}."
             )
         _check_choice("model.attention", self.attention, ATTENTION_IMPLEMENTATIONS)
         _check_choice("model.remat", self.remat, REMAT_POLICIES)
@@ -273,12 +280,17 @@ class TextConfig:
     max_length: int = 128  # tokens, BOS and EOS included: three moving-shapes objects fit
     depth: int = 2  # encoder="byte": the trained encoder's blocks
     heads: int = 4
+    # encoder="byte": > 0 adds a hashed bag of byte bigrams (fastText-style, this many buckets) to the
+    # caption's features, so the pooled caption carries every word at full strength; 0: off.
+    bigram_buckets: int = 0
 
     def __post_init__(self):
         _check_choice("text.encoder", self.encoder, TEXT_ENCODERS)
         # No float16: T5 v1.1's activations overflow it (transformers clamps them; bfloat16 has the range).
         _check_choice("text.dtype", self.dtype, ("auto", "float32", "bfloat16"))
-        _check_minimums("text", self, max_length=3, depth=1, heads=1)
+        _check_minimums("text", self, max_length=3, depth=1, heads=1, bigram_buckets=0)
+        if self.bigram_buckets and self.encoder != "byte":
+            raise ValueError("text.bigram_buckets is for the trained byte encoder (text.encoder='byte'); set it to 0.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -457,6 +469,11 @@ class Config:
             raise ValueError(
                 "sample.judge_prompts judges prompts of the built-in moving shapes (data.source='shapes'); "
                 "set --sample.judge_prompts 0 for other data."
+            )
+        if self.model.flow_input_scale and self.diffusion.process != "flow":
+            raise ValueError(
+                "model.flow_input_scale scales x_t by flow matching's signal share 1 - t; it needs "
+                f"diffusion.process='flow', not {self.diffusion.process!r}."
             )
         if self.diffusion.process == "flow" and self.model.learn_sigma:
             raise ValueError("model.learn_sigma is DDPM's learned variance: a flow run (diffusion.process='flow') has none.")

@@ -26,7 +26,7 @@ class Denoiser(nnx.Module):
         self.text_encoder = nnx.data(
             TextEncoder(
                 model.text_dim, config.text.depth, config.text.heads, config.text.max_length,
-                dtype=jnp.dtype(model.dtype), rngs=rngs,
+                bigram_buckets=config.text.bigram_buckets, dtype=jnp.dtype(model.dtype), rngs=rngs,
             )
             if model.has_text and config.text.encoder == "byte"
             else None

@@ -14,6 +14,7 @@ from jaxdit import context_parallel
 from jaxdit.blocks import DiTBlock, FinalLayer
 from jaxdit.config import ModelConfig
 from jaxdit.embed import LabelEmbedder, PooledTextEmbedder, TimestepEmbedder
+from jaxdit.flow import TIME_SCALE
 from jaxdit.patch import grid_shape, patchify, rope_3d, sincos_3d, unpatchify
 
 _REMAT_POLICIES = {
@@ -89,13 +90,15 @@ class VideoDiT(nnx.Module):
         grid = grid_shape(x.shape, cfg.patch)  # (T', H', W')
         dtype = jnp.dtype(cfg.dtype)
 
+        if cfg.flow_input_scale:  # t is flow time * TIME_SCALE: the input's share of signal is 1 - t
+            x = x * (1 - t.astype(jnp.float32) / TIME_SCALE)[:, None, None, None, None]  # (B, T, H, W, C)
         tokens = self.patch_embed(patchify(x.astype(dtype), cfg.patch))  # (B, N, D)
         if train and cfg.token_mask_ratio:
             tokens = self._hide_tokens(tokens)  # (B, N, D)
         rope = None
-        if cfg.positions == "rope":
+        if "rope" in cfg.positions:
             rope = tuple(jnp.asarray(a) for a in rope_3d(cfg.width // cfg.heads, grid))  # 2x (N, Dh/2)
-        else:
+        if "sincos" in cfg.positions:
             tokens = tokens + jnp.asarray(sincos_3d(cfg.width, grid), dtype)  # (B, N, D)
 
         c = self.t_embed(t)  # (B, D)

@@ -96,9 +96,17 @@ class _EncoderBlock(nnx.Module):
 
 
 class TextEncoder(nnx.Module):
-    """(B, L) tokens + (B, L) mask -> (B, L, E) token features; padded positions give zeros."""
+    """(B, L) tokens + (B, L) mask -> (B, L, E) token features; padded positions give zeros.
 
-    def __init__(self, width: int, depth: int, heads: int, max_length: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    With `bigram_buckets` > 0, each pair of adjacent valid bytes adds a learned embedding (hashed into
+    that many buckets) to the first one's feature, scaled by the caption's token count, so the
+    masked mean the DiT pools for adaLN holds the bag's sum: every word enters the condition vector
+    at full strength, as a class label does, instead of as a few bytes in a mean over the whole
+    caption (which left "left" and "right" nearly the same condition; docs/quality.md).
+    """
+
+    def __init__(self, width: int, depth: int, heads: int, max_length: int, *, bigram_buckets: int = 0,
+                 dtype=jnp.float32, rngs: nnx.Rngs):
         if width % heads:
             raise ValueError(f"text encoder width {width} must be divisible by its {heads} heads.")
         init = nnx.initializers.normal(EMBED_STD)
@@ -107,6 +115,9 @@ class TextEncoder(nnx.Module):
         self.position_embed = nnx.Param(init(rngs.params(), (max_length, width)))  # learned absolute positions
         self.blocks = nnx.List(_EncoderBlock(width, heads, dtype=dtype, rngs=rngs) for _ in range(depth))
         self.norm = nnx.LayerNorm(width, dtype=dtype, rngs=rngs)
+        self.bigram_buckets = bigram_buckets
+        if bigram_buckets:
+            self.bigram_embed = nnx.Embed(bigram_buckets, width, embedding_init=init, rngs=rngs)
 
     def __call__(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
         if tokens.ndim != 2 or tokens.shape[1] > self.max_length or mask.shape != tokens.shape:
@@ -117,4 +128,14 @@ class TextEncoder(nnx.Module):
         x = self.token_embed(tokens) + self.position_embed[: tokens.shape[1]]  # (B, L, E)
         for block in self.blocks:
             x = block(x, mask)  # (B, L, E)
-        return self.norm(x) * mask[..., None]  # (B, L, E)
+        features = self.norm(x) * mask[..., None]  # (B, L, E)
+        if self.bigram_buckets:
+            features = features.at[:, :-1].add(self._bigram_bag(tokens, mask).astype(features.dtype))
+        return features  # (B, L, E)
+
+    def _bigram_bag(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+        """(B, L) tokens and mask -> (B, L-1, E): bigram i's embedding times the valid token count (0 where invalid)."""
+        ids = (tokens[:, :-1] * VOCAB_SIZE + tokens[:, 1:]) % self.bigram_buckets  # (B, L-1)
+        valid = (mask[:, :-1] & mask[:, 1:]).astype(jnp.float32)  # (B, L-1)
+        count = jnp.maximum(mask.sum(axis=-1), 1).astype(jnp.float32)[:, None, None]  # (B, 1, 1)
+        return self.bigram_embed(ids) * valid[..., None] * count  # (B, L-1, E)

@@ -56,6 +56,34 @@ def test_a_rotary_model_has_no_position_table_and_runs_on_any_grid_scanned_or_no
     np.testing.assert_allclose(pure_forward(scanned)(x, t, **cond), out, atol=1e-5)
 
 
+def test_rope_plus_sincos_uses_both_the_rotations_and_the_absolute_positions():
+    both = randomized(jaxdit.VideoDiT(tiny_config(text_dim=16, positions="rope+sincos", qk_norm=True), rngs=nnx.Rngs(0)))
+    params = nnx.state(both, nnx.Param)
+    x, t, cond = inputs(both.config)
+    out = pure_forward(both)(x, t, **cond)
+    for positions in ("rope", "sincos"):  # the same parameters (neither has a table): each alone gives another output
+        one = jaxdit.VideoDiT(tiny_config(text_dim=16, positions=positions, qk_norm=True), rngs=nnx.Rngs(1))
+        nnx.update(one, params)
+        assert not np.allclose(pure_forward(one)(x, t, **cond), out, atol=1e-4)
+
+
+def test_flow_input_scale_shows_the_network_x_t_times_its_signal_share():
+    scaled = randomized(jaxdit.VideoDiT(tiny_config(text_dim=16, flow_input_scale=True), rngs=nnx.Rngs(0)))
+    plain = jaxdit.VideoDiT(tiny_config(text_dim=16), rngs=nnx.Rngs(1))
+    nnx.update(plain, nnx.state(scaled, nnx.Param))
+    x, _, cond = inputs(scaled.config)
+    t = jnp.array([250.0, 750.0])  # flow times 0.25 and 0.75, as the network sees them
+    share = (1 - t / 1000)[:, None, None, None, None]
+    np.testing.assert_allclose(pure_forward(scaled)(x, t, **cond), pure_forward(plain)(share * x, t, **cond), atol=1e-5)
+    pure_noise = jnp.full((2,), 1000.0)  # t = 1: the input carries nothing, and the network sees none of it
+    np.testing.assert_allclose(
+        pure_forward(scaled)(x, pure_noise, **cond), pure_forward(scaled)(jnp.zeros_like(x), pure_noise, **cond),
+        rtol=1e-5, atol=1e-4,  # outputs of up to ~20: float32 rounding, however XLA fuses x * 0
+    )
+    with pytest.raises(ValueError, match="flow_input_scale .* needs diffusion.process='flow'"):
+        jaxdit.Config(model=tiny_config(flow_input_scale=True), diffusion=jaxdit.DiffusionConfig(process="ddpm"))
+
+
 def test_token_masking_hides_a_random_share_of_tokens_in_training_only():
     config = tiny_config(text_dim=16, token_mask_ratio=0.6)
     model = randomized(jaxdit.VideoDiT(config, rngs=nnx.Rngs(0)))

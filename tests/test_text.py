@@ -61,3 +61,21 @@ def test_encoder_rejects_too_long_input():
     encoder = TextEncoder(16, 1, 2, 8, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="L<= 8"):
         encoder(jnp.zeros((1, 9), jnp.int32), jnp.ones((1, 9), bool))
+
+
+def test_bigram_bag_puts_the_sum_of_the_captions_bigrams_in_the_pooled_features():
+    tokenizer = ByteTokenizer(max_length=40)
+    batch = tokenizer.encode_batch(["a large red circle moving left", "a large red circle moving right", ""])
+    tokens, mask = jnp.asarray(batch["text_tokens"]), jnp.asarray(batch["text_mask"])
+    bag = TextEncoder(16, 1, 2, 40, bigram_buckets=97, rngs=nnx.Rngs(0))
+    plain = TextEncoder(16, 1, 2, 40, rngs=nnx.Rngs(1))
+    nnx.update(plain, nnx.State({k: v for k, v in nnx.state(bag, nnx.Param).items() if k != "bigram_embed"}))
+    features, base = bag(tokens, mask), plain(tokens, mask)
+    np.testing.assert_array_equal(np.asarray(features)[~np.asarray(mask)], 0.0)  # padding stays zero
+    table = np.asarray(bag.bigram_embed.embedding[...])
+    pool = lambda f: np.asarray((f * mask[..., None]).sum(1) / mask.sum(1, keepdims=True))  # the DiT's masked mean
+    for b in range(3):
+        ids = [(int(x) * VOCAB_SIZE + int(y)) % 97 for x, y, m in zip(tokens[b, :-1], tokens[b, 1:], mask[b, 1:]) if m]
+        np.testing.assert_allclose(pool(features)[b] - pool(base)[b], table[ids].sum(0), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="bigram_buckets is for the trained byte encoder"):
+        __import__("jaxdit").TextConfig(encoder="t5", bigram_buckets=8)
