@@ -5,7 +5,9 @@
 
 Prompts are one-object captions of the built-in data set's grammar, drawn with a fixed seed;
 each generated video is judged by `jaxdit.data.judge` (which scores 100% on the real clips).
-Prints one line of pass rates per (cfg scale, steps) setting, with the sampling time (compile included).
+Prints one line of pass rates per (cfg scale, steps) setting, with the sampling time (compile included),
+then, for the last setting, which shape the judge read for each shape asked (rows: asked; columns: read;
+"-": too faint on too many frames to measure).
 """
 
 import argparse
@@ -27,7 +29,7 @@ def main(argv=None) -> None:
     import jax
 
     from jaxdit.config import resolve_sampler
-    from jaxdit.data.judge import one_object_prompts, summary
+    from jaxdit.data.judge import judge, one_object_prompts, summary
     from jaxdit.pipeline import Pipeline
 
     pipe = Pipeline.load(args.workdir)
@@ -46,10 +48,30 @@ def main(argv=None) -> None:
             f"{sampler:7s} {steps:6d} {cfg_scale:5.1f}  {rates['colour']:6.2f}  {rates['direction']:6.2f}"
             f"  {rates['shape']:6.2f}  {rates['size']:6.2f}  {rates['all']:6.2f}  {seconds:8.1f}"
         )
+    print(format_confusion(shape_confusion([v for video, caption in zip(videos, captions) for v in judge(video, caption)])))
     if args.save:
         from jaxdit.video_io import write_videos
 
         print("wrote", write_videos(args.save, videos, captions, fps=defaults.fps))
+
+
+def shape_confusion(verdicts) -> dict[tuple[str, str | None], int]:
+    """How often each asked shape was read as each shape (None: not measurable), over the judged objects."""
+    from jaxdit.data.shapes import SHAPES
+
+    counts = {(asked, read): 0 for asked in SHAPES for read in (*SHAPES, None)}
+    for v in verdicts:
+        if v.judged:
+            counts[v.expected.shape, v.shape] += 1
+    return counts
+
+
+def format_confusion(counts: dict[tuple[str, str | None], int]) -> str:
+    asked_shapes = list(dict.fromkeys(asked for asked, _ in counts))
+    read_as = list(dict.fromkeys(read for _, read in counts))
+    lines = ["shape read:  " + "".join(f"{read or '-':>9s}" for read in read_as)]
+    lines += [f"{asked:>11s}  " + "".join(f"{counts[asked, read]:9d}" for read in read_as) for asked in asked_shapes]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -79,3 +79,23 @@ def test_compare_torch_benchmark(tmp_path, capsys):
     # The same objective on both sides: adaLN-Zero predicts zero at first, so each first loss is E[noise^2] = 1.
     assert record["jaxdit_first_loss"] == pytest.approx(1.0, abs=0.1)
     assert record["torch_first_loss"] == pytest.approx(1.0, abs=0.1)
+
+
+def test_prompt_adherence_shape_confusion():
+    """Real clips are read as the shape asked; a caption asking another shape lands off the diagonal."""
+    from jaxdit.data.judge import judge
+    from jaxdit.data.shapes import SHAPES, ShapesDataset
+
+    adherence = benchmark("prompt_adherence")
+    data = ShapesDataset(num_frames=8, size=32, seed=3)
+    items = [data[i] for i in range(12)]
+    verdicts = [v for item in items for v in judge(item["video"], item["caption"])]
+    counts = adherence.shape_confusion(verdicts)
+    assert sum(counts.values()) == len(items)
+    assert sum(counts[s, s] for s in SHAPES) >= len(items) - 1  # the judge is 97%+ right on real clips
+    wrong = [v for item in items for v in judge(item["video"], item["caption"].replace("circle", "square"))]
+    asked_square = adherence.shape_confusion(wrong)
+    assert asked_square["square", "circle"] == counts["circle", "circle"] + counts["square", "circle"]
+    assert asked_square["circle", "circle"] == 0
+    table = adherence.format_confusion(counts).splitlines()
+    assert len(table) == 1 + len(SHAPES) and table[0].split()[-1] == "-"
