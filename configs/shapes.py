@@ -6,7 +6,9 @@
 by its signal share and a bag of caption bigrams (configs/shapes_tiny.py; not yet run on a GPU:
 with two objects the bag says which words occur, and cross-attention which object each belongs to). The time shift grows with
 the token count as SD3's sqrt rule: 3 at 256 tokens (8x fewer values than here: the default run's
-clips), sqrt(8) x 3 = 8.5 here. 64 fixed prompts are judged at every sample step.
+clips), sqrt(8) x 3 = 8.5 here. AdamW with beta2 0.95, as the default run, at the default run's 3e-3
+scaled by its width over this one (128 / 384: 1e-3, the muP rule for Adam). 64 fixed prompts are judged
+at every sample step.
 
 Run: python train.py --config configs/shapes.py
      python train.py --config configs/shapes.py --train.batch_size 128 --model.remat dots
@@ -28,7 +30,7 @@ def get_config() -> Config:
         text=TextConfig(max_length=128, depth=2, heads=4, bigram_buckets=4096),
         data=DataConfig(source="shapes", num_frames=16, size=64, max_objects=2, num_workers=4),
         train=TrainConfig(
-            steps=50_000, batch_size=64, learning_rate=2e-4, warmup_steps=1000, lr_schedule="cosine",
+            steps=50_000, batch_size=64, learning_rate=1e-3, adam_b2=0.95, warmup_steps=1000, lr_schedule="cosine",
             ema_decay=0.9999, checkpoint_every=2000, log_every=100,
         ),
         sample=SampleConfig(
