@@ -29,7 +29,7 @@ def main(argv=None) -> None:
     import jax
 
     from jaxdit.config import resolve_sampler
-    from jaxdit.data.judge import judge, one_object_prompts, summary
+    from jaxdit.data.judge import judge, one_object_prompts, rates
     from jaxdit.pipeline import Pipeline
 
     pipe = Pipeline.load(args.workdir)
@@ -43,12 +43,13 @@ def main(argv=None) -> None:
         start = time.perf_counter()
         videos = pipe.generate(captions, **kwargs)
         seconds = time.perf_counter() - start
-        rates = summary(videos, captions)
+        verdicts = [v for video, caption in zip(videos, captions) for v in judge(video, caption)]
+        passed = rates(verdicts)
         print(
-            f"{sampler:7s} {steps:6d} {cfg_scale:5.1f}  {rates['colour']:6.2f}  {rates['direction']:6.2f}"
-            f"  {rates['shape']:6.2f}  {rates['size']:6.2f}  {rates['all']:6.2f}  {seconds:8.1f}"
+            f"{sampler:7s} {steps:6d} {cfg_scale:5.1f}  {passed['colour']:6.2f}  {passed['direction']:6.2f}"
+            f"  {passed['shape']:6.2f}  {passed['size']:6.2f}  {passed['all']:6.2f}  {seconds:8.1f}"
         )
-    print(format_confusion(shape_confusion([v for video, caption in zip(videos, captions) for v in judge(video, caption)])))
+    print(format_confusion(shape_confusion(verdicts)))
     if args.save:
         from jaxdit.video_io import write_videos
 

@@ -214,13 +214,18 @@ def summary(videos, captions) -> dict[str, float]:
     videos, captions = list(videos), list(captions)
     if len(videos) != len(captions):
         raise ValueError(f"summary needs one caption per video; got {len(videos)} videos, {len(captions)} captions.")
-    verdicts = [v for video, caption in zip(videos, captions) for v in judge(video, caption)]
+    return rates([v for video, caption in zip(videos, captions) for v in judge(video, caption)])
+
+
+def rates(verdicts) -> dict[str, float]:
+    """`summary`'s fractions from verdicts already made (`judge`'s, of every object of every video)."""
+    verdicts = list(verdicts)
     judged = [v for v in verdicts if v.judged]
-    rates = {check: float(np.mean([getattr(v, f"{check}_ok") for v in judged])) if judged else math.nan
-             for check in _CHECKS}
-    rates["all"] = float(np.mean([v.ok for v in judged])) if judged else math.nan
-    rates["judged"] = len(judged) / len(verdicts) if verdicts else math.nan
-    return rates
+    fractions = {check: float(np.mean([getattr(v, f"{check}_ok") for v in judged])) if judged else math.nan
+                 for check in _CHECKS}
+    fractions["all"] = float(np.mean([v.ok for v in judged])) if judged else math.nan
+    fractions["judged"] = len(judged) / len(verdicts) if verdicts else math.nan
+    return fractions
 
 
 def one_object_prompts(count: int, seed: int = 0) -> list[str]:
