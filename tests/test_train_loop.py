@@ -149,7 +149,10 @@ def test_two_processes_train_like_one(tmp_path):
     output, _ = single.communicate(timeout=240)
     assert single.returncode == 0, output
     port = _free_port()
-    four_devices = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2"}
+    four_devices = {
+        "XLA_FLAGS": os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4"),  # the suite's flags otherwise
+        "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
+    }
     processes = [_run_train(tmp_path / "two", *args, env={**four_devices, "JAX_PROCESS_ID": str(i)}) for i in range(2)]
     outputs = [p.communicate(timeout=300)[0] for p in processes]
     assert all(p.returncode == 0 for p in processes), outputs
