@@ -29,7 +29,7 @@ def main(argv=None) -> None:
     import jax
 
     from jaxdit.config import resolve_sampler
-    from jaxdit.data.judge import judge, one_object_prompts, rates
+    from jaxdit.data.judge import judge_all, one_object_prompts, rates
     from jaxdit.pipeline import Pipeline
 
     pipe = Pipeline.load(args.workdir)
@@ -43,7 +43,7 @@ def main(argv=None) -> None:
         start = time.perf_counter()
         videos = pipe.generate(captions, **kwargs)
         seconds = time.perf_counter() - start
-        verdicts = [v for video, caption in zip(videos, captions) for v in judge(video, caption)]
+        verdicts = judge_all(videos, captions)
         passed = rates(verdicts)
         print(
             f"{sampler:7s} {steps:6d} {cfg_scale:5.1f}  {passed['colour']:6.2f}  {passed['direction']:6.2f}"

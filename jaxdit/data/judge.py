@@ -18,6 +18,7 @@ coordinates: x is the column (left = decreasing x), y is the row (up = decreasin
 
     verdicts = judge(video, "a large red circle moving left")  # one Verdict per object
     rates = summary(videos, captions)  # {"colour": 0.9, ..., "all": 0.7, "judged": 1.0}
+    fractions = rates(judge_all(videos, captions))  # the same, from verdicts kept for other uses
     captions = one_object_prompts(64)  # the fixed prompts that benchmarks and training judge
 """
 
@@ -208,13 +209,18 @@ def judge(video: np.ndarray, caption: str) -> list[Verdict]:
     return verdicts
 
 
+def judge_all(videos, captions) -> list[Verdict]:
+    """`judge` of each video against its caption: the verdicts of every object of every video, in order."""
+    videos, captions = list(videos), list(captions)
+    if len(videos) != len(captions):
+        raise ValueError(f"judging needs one caption per video; got {len(videos)} videos, {len(captions)} captions.")
+    return [v for video, caption in zip(videos, captions) for v in judge(video, caption)]
+
+
 def summary(videos, captions) -> dict[str, float]:
     """Fractions of the judged objects passing each check ("colour", "direction", "shape", "size", "all"),
     and the fraction of objects judged ("judged"). Rates are nan when nothing could be judged."""
-    videos, captions = list(videos), list(captions)
-    if len(videos) != len(captions):
-        raise ValueError(f"summary needs one caption per video; got {len(videos)} videos, {len(captions)} captions.")
-    return rates([v for video, caption in zip(videos, captions) for v in judge(video, caption)])
+    return rates(judge_all(videos, captions))
 
 
 def rates(verdicts) -> dict[str, float]:
