@@ -2,9 +2,9 @@
 
 Axes: B batch, N query tokens, L key/value tokens, K heads, Dh head width.
 
-Implementations: "xla" (XLA's fused attention, everywhere), "cudnn" (cuDNN flash attention,
-GPU) and "splash" (the Pallas splash-attention kernel that jax ships for TPU); "auto" takes
-the first of cudnn / splash that can run, else xla.
+Implementations: "xla" (softmax attention written in jnp with its own backward pass, everywhere),
+"cudnn" (cuDNN flash attention, GPU) and "splash" (the Pallas splash-attention kernel that jax
+ships for TPU); "auto" takes the first of cudnn / splash that can run, else xla.
 """
 
 import math
@@ -92,6 +92,58 @@ def _splash(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) ->
     return einops.rearrange(out, "b k n h -> b n k h")  # (B, N, K, Dh)
 
 
+def _masked_logit(dtype) -> float:
+    """A masked key's logit: far below any real one, yet finite, so a row with every key masked
+    stays finite (`attention` zeroes it)."""
+    return 0.7 * float(jnp.finfo(dtype).min)
+
+
+def _xla_forward(q, k, v, mask):
+    """Heads-major softmax attention, and what its backward pass needs.
+
+    q (B, N, K, Dh), k and v (B, L, K, Dh), mask (B, L) or None -> (B, N, K, Dh). The logits and
+    the softmax are float32 (as jax.nn.dot_product_attention's), the products in the input dtype.
+    """
+    q = einops.rearrange(q * q.shape[-1] ** -0.5, "b n k h -> b k n h")  # (B, K, N, Dh), scaled
+    k, v = (einops.rearrange(x, "b l k h -> b k l h") for x in (k, v))  # 2x(B, K, L, Dh)
+    logits = jnp.einsum("bknh,bklh->bknl", q, k, preferred_element_type=jnp.float32)  # (B, K, N, L)
+    if mask is not None:
+        logits = jnp.where(mask[:, None, None, :], logits, _masked_logit(jnp.float32))
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # (B, K, N, L)
+    out = jnp.einsum("bknl,bklh->bknh", probs, v)  # (B, K, N, Dh)
+    return einops.rearrange(out, "b k n h -> b n k h"), (q, k, v, probs, out)
+
+
+def _xla_backward(residuals, d_out):
+    """The softmax-attention gradients from the saved probabilities: d_out (B, N, K, Dh) ->
+    (dq, dk, dv, None), the mask having none."""
+    q, k, v, probs, out = residuals  # q scaled; all heads-major
+    d_out = einops.rearrange(d_out, "b n k h -> b k n h")  # (B, K, N, Dh)
+    d_v = jnp.einsum("bknl,bknh->bklh", probs, d_out)  # (B, K, L, Dh)
+    d_probs = jnp.einsum("bknh,bklh->bknl", d_out, v, preferred_element_type=jnp.float32)  # (B, K, N, L)
+    # softmax's Jacobian: d_logit = p (d_p - sum_l p d_p), and sum_l p d_p = <d_out, out> per row.
+    row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)  # (B, K, N, 1)
+    d_logits = (probs * (d_probs - row)).astype(q.dtype)  # (B, K, N, L)
+    d_q = jnp.einsum("bknl,bklh->bknh", d_logits, k) * q.shape[-1] ** -0.5  # (B, K, N, Dh)
+    d_k = jnp.einsum("bknl,bknh->bklh", d_logits, q)  # (B, K, L, Dh)
+    d_q, d_k, d_v = (einops.rearrange(x, "b k n h -> b n k h") for x in (d_q, d_k, d_v))
+    return d_q, d_k, d_v, None
+
+
+@jax.custom_vjp
+def _xla(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """The "xla" implementation. Its own backward pass, in heads-major layout from the saved
+    probabilities, is ~2x faster on XLA:CPU than autodiff of jax.nn.dot_product_attention (whose
+    transposes and batched products fall on slow paths there); on other backends it is the
+    same computation. Inside a shard_map (context parallelism) jax's own attention runs instead:
+    there replicated keys and values get cotangents summed over the devices, which autodiff
+    inserts and a hand-written backward would have to."""
+    return _xla_forward(q, k, v, mask)[0]
+
+
+_xla.defvjp(_xla_forward, _xla_backward)
+
+
 def attention(
     q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None, implementation: str = "auto"
 ) -> jax.Array:
@@ -103,6 +155,8 @@ def attention(
     impl = resolve_implementation(implementation, q.dtype, q.shape[-1], (q.shape[1], k.shape[1]))
     if impl == "splash":
         out = _splash(q, k, v, mask)  # (B, N, K, Dh)
+    elif impl == "xla" and not jax.sharding.get_abstract_mesh().manual_axes:
+        out = _xla(q, k, v, mask)  # (B, N, K, Dh)
     else:
         full_mask = None if mask is None else jnp.broadcast_to(
             mask[:, None, None, :], (q.shape[0], 1, q.shape[1], k.shape[1])

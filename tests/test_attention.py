@@ -33,6 +33,29 @@ def test_rows_with_every_key_masked_return_zeros():
     np.testing.assert_allclose(out[1], 1.0, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype, atol", [(jnp.float32, 2e-6), (jnp.bfloat16, 3e-2)])
+def test_xla_attention_and_its_backward_match_jax_dot_product_attention(dtype, atol):
+    """The "xla" path's hand-written backward against autodiff of jax's own attention, masked."""
+    kq, kk, kv, kd = jax.random.split(jax.random.key(3), 4)
+    q = jax.random.normal(kq, (2, 7, 3, 16), dtype)  # (B, N, K, Dh)
+    k, v = jax.random.normal(kk, (2, 5, 3, 16), dtype), jax.random.normal(kv, (2, 5, 3, 16), dtype)  # (B, L, K, Dh)
+    d_out = jax.random.normal(kd, q.shape, dtype)  # a cotangent that weighs every output
+    mask = jnp.array([[True, False, True, True, False], [True] * 5])
+
+    def jax_attention(q, k, v, mask):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :], implementation="xla")
+
+    def ours(q, k, v, mask):
+        return attention(q, k, v, mask=mask, implementation="xla")
+
+    (want, want_vjp), (got, got_vjp) = (jax.vjp(lambda *a: fn(*a, mask), q, k, v) for fn in (jax_attention, ours))
+    f32 = lambda x: np.asarray(x, np.float32)
+    np.testing.assert_allclose(f32(got), f32(want), atol=atol)
+    for name, g, w in zip("qkv", got_vjp(d_out), want_vjp(d_out)):
+        assert g.dtype == dtype, name
+        np.testing.assert_allclose(f32(g), f32(w), atol=atol * 4, err_msg=f"d{name}")
+
+
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the fallback off GPU")
 def test_auto_falls_back_to_xla_and_cudnn_off_gpu_is_an_error():
     assert resolve_implementation("auto", jnp.bfloat16, 64) == "xla"

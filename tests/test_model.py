@@ -96,7 +96,7 @@ def test_padded_text_tokens_do_not_change_the_output():
     garbage = 100.0 * jax.random.normal(jax.random.key(7), (2, 3, config.text_dim))
     text = jnp.concatenate([garbage[:, :1], cond["text"], garbage[:, 1:]], axis=1)  # (B, 8, E)
     mask = jnp.concatenate([jnp.zeros((2, 1), bool), cond["text_mask"], jnp.zeros((2, 2), bool)], axis=1)
-    chex.assert_trees_all_close(forward(x, t, text=text, text_mask=mask), reference, atol=1e-5)
+    chex.assert_trees_all_close(forward(x, t, text=text, text_mask=mask), reference, atol=1e-5, rtol=1e-5)
     # ... while a real token does, so the check above can fail.
     assert not np.allclose(forward(x, t, text=text, text_mask=mask.at[:, 0].set(True)), reference, atol=1e-3)
 
@@ -238,7 +238,7 @@ def test_data_parallel_forward_over_eight_devices():
 
     out = forward(state, *sharded)
     assert out.sharding.spec[0] == "data"
-    chex.assert_trees_all_close(out, pure_forward(model)(x, t, **cond), rtol=1e-4, atol=1e-4)
+    chex.assert_trees_all_close(out, pure_forward(model)(x, t, **cond), rtol=1e-4, atol=3e-4)
 
 
 def test_one_model_runs_at_other_resolutions_and_durations():
