@@ -9,7 +9,8 @@ that moves; the input scaled by its signal share (1 - t), so that noise does not
 positions; and a hashed bag of caption bigrams in the pooled caption, so that the direction word
 reaches the condition vector as strongly as the colour word. Batch 8 with AdamW at 3e-3 and beta2 0.95,
 guidance 2. 10000 steps: 14.3 minutes of training on a 2-core AMD EPYC (Zen 5), ~100 samples/s;
-20.8 minutes for the whole command on a 2-core Xeon (Emerald Rapids, ~62 samples/s).
+20.8 minutes for the whole command on a 2-core Xeon (Emerald Rapids, ~62 samples/s), 22-24 on a
+slower 2-core EPYC (~65 samples/s; docs/quality.md).
 
 Sample videos of PROMPTS are written to runs/shapes_tiny/samples/ every 2000 steps and at the
 end, with the prompt-adherence rates of 16 fixed prompts logged beside the loss.
