@@ -32,6 +32,7 @@ Figures are printed, never asserted.
 
 import argparse
 import statistics
+import sys
 import time
 import warnings
 
@@ -76,7 +77,10 @@ def run(
     from jaxdit import benchmarking, flops
     from jaxdit.train_loop import parameter_count
 
+    # Progress on stderr: a compile can take minutes (an XL model on a GPU), and a run cut short should say where.
+    print(f"{config.model.variant}: making the state and compiling the train step", file=sys.stderr, flush=True)
     setup = benchmarking.compiled_train_step(config, latents=latents, abstract=compile_only)
+    print(f"compiled in {setup['compile_s']:.1f} s", file=sys.stderr, flush=True)
     compiled, state, batch, frozen = setup["step"], setup["state"], setup["batch"], setup["frozen"]
     model, data, latent_shape, mesh = config.model, config.data, setup["latent_shape"], setup["mesh"]
     text_length = config.text.max_length if model.has_text else 0
@@ -112,7 +116,7 @@ def run(
             times.append(time.perf_counter() - start)
 
     if profile:  # separate from the timed steps, which the tracer would slow
-        with jax.profiler.trace(profile):
+        with jax.profiler.trace(profile, create_perfetto_trace=True):
             for rng in rngs[-PROFILED_STEPS:]:
                 state, metrics = compiled(state, batch, rng, *frozen)
             jax.block_until_ready((state, metrics))

@@ -17,6 +17,7 @@ from jaxdit.config import ATTENTION_IMPLEMENTATIONS
 
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)  # cuDNN flash attention runs in 16-bit only
 _CUDNN_MAX_HEAD_DIM = 128  # the largest head width every cuDNN flash kernel accepts
+_CUDNN_PAD = 2  # cuDNN's training kernels with a mask (a bias) need even query and key lengths
 _SPLASH_DTYPES = (jnp.float32, jnp.bfloat16)  # TPUs have no float16 matmul
 _SPLASH_LANES = 128  # splash tiles are multiples of the TPU's 128 lanes and must divide N and L
 _SPLASH_MAX_TILE = 512  # larger tiles spread the per-step cost over long video sequences
@@ -144,6 +145,23 @@ def _xla(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> ja
 _xla.defvjp(_xla_forward, _xla_backward)
 
 
+def _dot_product_attention(q, k, v, mask, implementation: str) -> jax.Array:
+    """jax.nn.dot_product_attention over (B, N, K, Dh) queries and (B, L, K, Dh) keys, with the key
+    padding mask (B, L). cuDNN's masked training kernels need even query and key lengths (text of 77
+    tokens is not): for "cudnn" both are padded to the next multiple of _CUDNN_PAD, the padded keys
+    masked and the padded queries' rows dropped, which changes no output or gradient."""
+    n, length = q.shape[1], k.shape[1]
+    if implementation == "cudnn" and mask is not None and (n % _CUDNN_PAD or length % _CUDNN_PAD):
+        q = jnp.pad(q, ((0, 0), (0, -n % _CUDNN_PAD), (0, 0), (0, 0)))  # (B, N', K, Dh)
+        k, v = (jnp.pad(x, ((0, 0), (0, -length % _CUDNN_PAD), (0, 0), (0, 0))) for x in (k, v))  # (B, L', K, Dh)
+        mask = jnp.pad(mask, ((0, 0), (0, -length % _CUDNN_PAD)))  # (B, L'): the padding is never attended to
+    full_mask = None if mask is None else jnp.broadcast_to(
+        mask[:, None, None, :], (q.shape[0], 1, q.shape[1], k.shape[1])
+    )  # (B, 1, N', L')
+    out = jax.nn.dot_product_attention(q, k, v, mask=full_mask, implementation=implementation)  # (B, N', K, Dh)
+    return out[:, :n]  # (B, N, K, Dh)
+
+
 def attention(
     q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None, implementation: str = "auto"
 ) -> jax.Array:
@@ -158,10 +176,7 @@ def attention(
     elif impl == "xla" and not jax.sharding.get_abstract_mesh().manual_axes:
         out = _xla(q, k, v, mask)  # (B, N, K, Dh)
     else:
-        full_mask = None if mask is None else jnp.broadcast_to(
-            mask[:, None, None, :], (q.shape[0], 1, q.shape[1], k.shape[1])
-        )  # (B, 1, N, L)
-        out = jax.nn.dot_product_attention(q, k, v, mask=full_mask, implementation=impl)  # (B, N, K, Dh)
+        out = _dot_product_attention(q, k, v, mask, impl)  # (B, N, K, Dh)
     if mask is None:
         return out
     # With every key masked the softmax would spread evenly over the padding: return nothing instead.

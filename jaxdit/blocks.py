@@ -3,6 +3,8 @@
 Axes: B batch, N video tokens, L text tokens, D model width, E text width, K heads, Dh head width.
 """
 
+import functools
+
 import einops
 import jax
 import jax.numpy as jnp
@@ -35,9 +37,25 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
     return x * (1 + scale[:, None]) + shift[:, None]  # (B, N, D)
 
 
-def layer_norm(width: int, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    """LayerNorm without scale and bias: adaLN supplies them from the condition."""
-    return nnx.LayerNorm(width, epsilon=_NORM_EPS, use_bias=False, use_scale=False, dtype=dtype, rngs=rngs)
+# Written in jnp, the LayerNorm and the tanh GELU would have autodiff keep every intermediate for the
+# backward pass: two float32 copies of the tokens per norm and four (B, N, 4D) arrays per GELU, most
+# of a block's activation memory (docs/performance.md). PyTorch's fused kernels keep only their inputs;
+# under jax.checkpoint these do the same and recompute the rest, a few element-wise operations.
+
+
+@jax.checkpoint
+def norm_modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    """adaLN: a LayerNorm without scale and bias over D, then the condition's shift and scale:
+    (B, N, D) tokens, (B, D) shift and scale -> (B, N, D) in the tokens' dtype. The statistics are
+    float32 (E[x^2] - E[x]^2, at least 0), as flax's LayerNorm computes them."""
+    x32 = x.astype(jnp.float32)  # (B, N, D)
+    mean = x32.mean(-1, keepdims=True)  # (B, N, 1)
+    var = jnp.maximum((x32 * x32).mean(-1, keepdims=True) - mean * mean, 0.0)  # (B, N, 1)
+    normed = ((x32 - mean) * jax.lax.rsqrt(var + _NORM_EPS)).astype(x.dtype)  # (B, N, D)
+    return modulate(normed, shift, scale)  # (B, N, D)
+
+
+gelu = jax.checkpoint(functools.partial(jax.nn.gelu, approximate=True))  # DiT's GELU, tanh approximation
 
 
 class QKNorm(nnx.Module):
@@ -114,7 +132,7 @@ class Mlp(nnx.Module):
         self.fc2 = Linear(hidden, width, kernel_init=xavier, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(nnx.gelu(self.fc1(x), approximate=True))  # (B, N, D)
+        return self.fc2(gelu(self.fc1(x)))  # (B, N, D)
 
 
 class DiTBlock(nnx.Module):
@@ -131,15 +149,12 @@ class DiTBlock(nnx.Module):
         qk_norm: bool = False, context_attention: str = "ulysses_ring", ulysses_degree: int = 0,
         dtype=jnp.float32, rngs: nnx.Rngs,
     ):
-        self.norm1 = layer_norm(width, dtype, rngs)
         self.attn = SelfAttention(
             width, heads, implementation=attention, qk_norm=qk_norm, context_attention=context_attention,
             ulysses_degree=ulysses_degree, dtype=dtype, rngs=rngs,
         )
-        self.norm2 = layer_norm(width, dtype, rngs)
         self.mlp = Mlp(width, int(width * mlp_ratio), dtype=dtype, rngs=rngs)
         if text_dim:
-            self.norm_cross = layer_norm(width, dtype, rngs)
             self.cross = CrossAttention(
                 width, heads, text_dim, implementation=attention, qk_norm=qk_norm, dtype=dtype, rngs=rngs
             )
@@ -157,24 +172,23 @@ class DiTBlock(nnx.Module):
         token_mask (B, N) bool: the tokens self-attention may attend to (None: all; False: padding)."""
         mods = jnp.split(self.modulation(nnx.silu(c)), 9 if self.cross is not None else 6, axis=-1)  # each (B, D)
         shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp = mods[:6]
-        h = self.attn(modulate(self.norm1(x), shift_attn, scale_attn), mask=token_mask, rope=rope)  # (B, N, D)
+        h = self.attn(norm_modulate(x, shift_attn, scale_attn), mask=token_mask, rope=rope)  # (B, N, D)
         x = x + gate_attn[:, None] * h  # (B, N, D)
         if self.cross is not None:
             shift_cross, scale_cross, gate_cross = mods[6:]
-            h = modulate(self.norm_cross(x), shift_cross, scale_cross)  # (B, N, D)
+            h = norm_modulate(x, shift_cross, scale_cross)  # (B, N, D)
             x = x + gate_cross[:, None] * self.cross(h, text, text_mask)  # (B, N, D)
-        return x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (B, N, D)
+        return x + gate_mlp[:, None] * self.mlp(norm_modulate(x, shift_mlp, scale_mlp))  # (B, N, D)
 
 
 class FinalLayer(nnx.Module):
     """adaLN shift/scale, then a linear map of each token to its patch of predictions."""
 
     def __init__(self, width: int, out_dim: int, *, dtype, rngs: nnx.Rngs):
-        self.norm = layer_norm(width, dtype, rngs)
         # Zero-initialised, with the modulation: the model predicts exactly 0 at initialisation.
         self.modulation = Linear(width, 2 * width, kernel_init=zeros, dtype=dtype, rngs=rngs)
         self.linear = Linear(width, out_dim, kernel_init=zeros, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
         shift, scale = jnp.split(self.modulation(nnx.silu(c)), 2, axis=-1)  # each (B, D)
-        return self.linear(modulate(self.norm(x), shift, scale))  # (B, N, out_dim)
+        return self.linear(norm_modulate(x, shift, scale))  # (B, N, out_dim)

@@ -133,6 +133,55 @@ def test_cudnn_matches_xla_in_bfloat16():
         np.testing.assert_allclose(cudnn, xla, atol=2e-2)
 
 
+def test_cudnn_path_pads_odd_lengths_without_changing_outputs_or_gradients(monkeypatch):
+    """cuDNN's masked training kernels refuse odd lengths (77 text tokens): the "cudnn" path pads them.
+    Checked on any backend by running that path's padding around jax's XLA attention."""
+    original = jax.nn.dot_product_attention
+    seen = []
+
+    def even_lengths_only(q, k, v, *, mask, implementation):
+        assert implementation == "cudnn"
+        seen.append((q.shape[1], k.shape[1]))
+        return original(q, k, v, mask=mask, implementation="xla")
+
+    kq, kk, kv, kd = jax.random.split(jax.random.key(2), 4)
+    q = jax.random.normal(kq, (2, 9, 2, 8))  # (B, N, K, Dh), N odd
+    k, v = (jax.random.normal(key, (2, 7, 2, 8)) for key in (kk, kv))  # (B, L, K, Dh), L odd
+    d_out = jax.random.normal(kd, q.shape)
+    mask = jnp.array([[True] * 7, [True, True, True, False, False, False, False]])
+
+    def vjp(implementation):
+        out, pullback = jax.vjp(lambda *a: attention_module._dot_product_attention(*a, mask, implementation), q, k, v)
+        return (out, *pullback(d_out))
+
+    want = vjp("xla")
+    monkeypatch.setattr(jax.nn, "dot_product_attention", even_lengths_only)
+    got = vjp("cudnn")
+    assert seen and all(n % 2 == 0 and length % 2 == 0 for n, length in seen)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert g.shape == w.shape, name
+        np.testing.assert_allclose(g, w, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention runs on GPU only")
+@pytest.mark.parametrize("keys", [256, 77], ids=["self", "cross"])
+def test_cudnn_gradients_match_xla_in_bfloat16(keys):
+    """The backward pass that training runs: self-attention, and cross-attention to masked text tokens."""
+    kq, kk, kv, kd = jax.random.split(jax.random.key(1), 4)
+    q = jax.random.normal(kq, (2, 256, 4, 64), jnp.bfloat16)  # (B, N, K, Dh)
+    k, v = (jax.random.normal(key, (2, keys, 4, 64), jnp.bfloat16) for key in (kk, kv))  # (B, L, K, Dh)
+    d_out = jax.random.normal(kd, q.shape, jnp.bfloat16)
+    mask = jnp.arange(keys)[None] < jnp.array([[keys], [keys // 3]])  # (B, L)
+
+    def vjp(implementation):
+        out, pullback = jax.vjp(lambda q, k, v: attention(q, k, v, mask=mask, implementation=implementation), q, k, v)
+        return [np.asarray(x, np.float32) for x in (out, *pullback(d_out))]
+
+    for name, got, want in zip(("out", "dq", "dk", "dv"), vjp("cudnn"), vjp("xla")):
+        scale = np.abs(want).max()
+        np.testing.assert_allclose(got / scale, want / scale, atol=2e-2, err_msg=name)
+
+
 @pytest.mark.skipif(
     jax.default_backend() != "tpu" or jax.device_count() != 1, reason="the splash kernel runs on a single TPU device"
 )

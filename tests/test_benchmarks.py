@@ -48,6 +48,9 @@ def test_train_benchmark(tmp_path, capsys):
     returned = benchmark("train").main(argv)
     assert list((tmp_path / "prof").rglob("*.xplane.pb"))  # the jax.profiler trace of the extra steps
     record = check_record(out, returned, TRAIN_KEYS, capsys.readouterr().out, "samples_per_s")
+    benchmark("profile_summary").main([str(tmp_path / "prof"), "--top", "5"])  # where the traced steps' time went
+    summary = capsys.readouterr().out
+    assert "host CPU" in summary and "matmul" in summary and len(summary.splitlines()) > 8
     assert record["config"] == "tiny" and record["batch_size"] == 8
     assert record["flops_per_sample"] > 0 and record["tokens_per_sample"] == 32  # 2x16x16 pixels in 1x4x4 patches
     assert record["tflops_per_s"] == pytest.approx(record["flops_per_sample"] * record["samples_per_s"] / 1e12)

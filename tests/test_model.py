@@ -140,6 +140,47 @@ def test_token_linear_is_nnx_linear_with_the_same_parameters_and_gradients():
     )
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_norm_modulate_and_gelu_match_flax_and_keep_only_their_inputs(dtype):
+    """adaLN's norm is flax's LayerNorm (no scale or bias), the GELU DiT's tanh GELU, values and
+    gradients; for the backward pass both keep only their inputs, not float32 copies or GELU's parts."""
+    from jaxdit.blocks import gelu, modulate, norm_modulate
+
+    kx, ks, kc, kw = jax.random.split(jax.random.key(0), 4)
+    x = (3 * jax.random.normal(kx, (2, 5, 16)) + 1).astype(dtype)  # (B, N, D)
+    weights = jax.random.normal(kw, (2, 5, 16))  # a loss linear in the output, so the output need not be kept
+    shift, scale = (jax.random.normal(k, (2, 16), dtype) for k in (ks, kc))  # (B, D)
+    flax_norm = nnx.LayerNorm(16, epsilon=1e-6, use_bias=False, use_scale=False, dtype=dtype, rngs=nnx.Rngs(0))
+
+    def theirs(x, shift, scale):
+        return jnp.sum(jax.nn.gelu(modulate(flax_norm(x), shift, scale), approximate=True).astype(jnp.float32) * weights)
+
+    def ours(x, shift, scale):
+        return jnp.sum(gelu(norm_modulate(x, shift, scale)).astype(jnp.float32) * weights)
+
+    f32 = lambda tree: jax.tree.map(lambda a: np.asarray(a, np.float32), tree)
+    tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
+    got, want = (jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(x, shift, scale) for f in (ours, theirs))
+    chex.assert_trees_all_close(f32(got), f32(want), rtol=tolerance, atol=tolerance)
+    token_sized = {"float32": "f32[2,5,16]", "bfloat16": "bf16[2,5,16]"}
+    kept = [line.split()[0] for line in saved_residuals(ours, x, shift, scale) if "[2,5,16]" in line]
+    assert kept == [token_sized[jnp.dtype(dtype).name]] * 2  # x, and the GELU's input
+    assert len([line for line in saved_residuals(theirs, x, shift, scale) if "[2,5,16]" in line]) > 4
+
+
+def saved_residuals(f, *args) -> list[str]:
+    """The arrays autodiff of f keeps for the backward pass, one line each ("bf16[2,5,16] output of ..."),
+    closed-over constants left out."""
+    import contextlib
+    import io
+
+    from jax.ad_checkpoint import print_saved_residuals
+
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        print_saved_residuals(f, *args)
+    return [line for line in printed.getvalue().splitlines() if "from a constant" not in line]
+
+
 def test_jitted_forward_matches_eager_and_changes_with_inputs():
     config = tiny_config(**CONDITIONINGS["text_and_class_sigma"])
     model = randomized(jaxdit.VideoDiT(config, rngs=nnx.Rngs(0)))
