@@ -1,16 +1,17 @@
 """The default run: a small text-to-video model on the built-in moving shapes, in pixel space.
 
 8 frames of 32x32 pixels are cut into 2x8x8 spacetime patches (64 tokens) for a 4-block model of
-width 128 with a 2-block byte-level text encoder. The recipe (docs/quality.md, "What the default CPU run
-reaches"): flow matching that predicts the clean clip (x0, velocity loss), logit-normal times
-shifted toward noise (s = 3); 3-D rotary positions with QK-norm, which let the tokens of one clip
-agree on one object, plus sin-cos positions, from which the prediction at pure noise draws a layout
-that moves; the input scaled by its signal share (1 - t), so that noise does not drown those
-positions; and a hashed bag of caption bigrams in the pooled caption, so that the direction word
-reaches the condition vector as strongly as the colour word. Batch 8 with AdamW at 3e-3 and beta2 0.95,
-guidance 2. 10000 steps: 14.3 minutes of training on a 2-core AMD EPYC (Zen 5), ~100 samples/s;
-20.8 minutes for the whole command on a 2-core Xeon (Emerald Rapids, ~62 samples/s), 22-24 on a
-slower 2-core EPYC (~65 samples/s; docs/quality.md).
+width 128, conditioned by adaLN-Zero on the timestep and the pooled caption of a 1-block byte-level
+text encoder. The recipe (docs/quality.md, "What the default CPU run reaches"): flow matching that
+predicts the clean clip (x0, velocity loss), logit-normal times shifted toward noise (s = 3); 3-D
+rotary positions with QK-norm, which let the tokens of one clip agree on one object, plus sin-cos
+positions, from which the prediction at pure noise draws a layout that moves; the input scaled by its
+signal share (1 - t), so that noise does not drown those positions; and a hashed bag of caption
+bigrams in the pooled caption, so that the direction word reaches the condition vector as strongly as
+the colour word. The clips hold one object, whose four words the pooled caption carries whole, so the
+blocks have no cross-attention to the text tokens (it cost a third of the step for no gain in
+adherence; configs/shapes.py, with two objects, keeps it). Batch 8 with AdamW at 3e-3 and beta2 0.95,
+guidance 2. 10000 steps: 13.7 minutes for the whole command on a 2-core Xeon (~12 steps/s).
 
 Sample videos of PROMPTS are written to runs/shapes_tiny/samples/ every 2000 steps and at the
 end, with the prompt-adherence rates of 16 fixed prompts logged beside the loss.
@@ -33,11 +34,11 @@ def get_config() -> Config:
     return Config(
         name="shapes_tiny",
         model=ModelConfig(
-            variant="mini/2x8x8", in_channels=3, text_dim=64, positions="rope+sincos", qk_norm=True,
-            flow_input_scale=True,
+            variant="mini/2x8x8", in_channels=3, text_dim=64, cross_attention=False, positions="rope+sincos",
+            qk_norm=True, flow_input_scale=True,
         ),
         diffusion=DiffusionConfig(process="flow", prediction="x0", time_sampling="logit_normal", shift=3.0),
-        text=TextConfig(max_length=48, depth=2, heads=4, bigram_buckets=4096),
+        text=TextConfig(max_length=48, depth=1, heads=4, bigram_buckets=4096),
         data=DataConfig(source="shapes", num_frames=8, size=32),
         train=TrainConfig(
             steps=10000, batch_size=8, learning_rate=3e-3, adam_b2=0.95, warmup_steps=100, lr_schedule="cosine",
