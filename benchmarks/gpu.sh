@@ -51,6 +51,18 @@ step() {
   return $rc
 }
 
+# step_fitting NAME LIMIT COMMAND...: step, and if it failed other than by time (out of memory), the same
+# again keeping only the matmul outputs for the backward pass (--remat dots).
+step_fitting() {
+  local name=$1 limit=$2
+  shift 2
+  step "$name" "$limit" "$@"
+  case $? in
+    0|124|137) ;;
+    *) step "${name}_remat_dots" "$limit" "$@" --remat dots ;;
+  esac
+}
+
 last_field() {  # the FIELD of the newest line of gpu.jsonl
   python3 -c "import json, sys; print(json.loads(open(sys.argv[1]).read().splitlines()[-1])[sys.argv[2]])" "$results" "$1"
 }
@@ -73,23 +85,15 @@ targets() {
   # MFU: DiT-XL width on 16x32x32x4 latents (4096 tokens) with text; the profile says where the time goes.
   local xl_mfu=(python3 benchmarks/train.py "${xl_text[@]}" --num-frames "$xl_frames" --size "$xl_size"
     --batch-size "$xl_batch" --attention "$attention" --steps "$steps" --warmup 2 --profile "$out/prof_xl" --out "$results")
-  step xl_mfu 330 "${xl_mfu[@]}"
-  case $? in  # out of memory (not out of time): the same with the matmul outputs kept and the rest recomputed
-    0|124|137) ;;
-    *) step xl_mfu_remat_dots 270 "${xl_mfu[@]}" --remat dots ;;
-  esac
+  step_fitting xl_mfu 330 "${xl_mfu[@]}"
   step xl_profile 60 python3 benchmarks/profile_summary.py "$out/prof_xl" --top 25
   rm -rf "$out/prof_xl"
 
   # Images/s: class-conditional DiT-XL/2 at 256x256 (32x32x4 latents, 256 tokens).
   dit=(--config configs/dit_xl2_256.py --latents --num-frames 1 --size "$dit_size" --dtype bfloat16 --scan-layers)
   [ "${DRY_RUN:-0}" = 1 ] && dit+=(--model.variant tiny/1x2x2)
-  step dit_xl2_256 270 python3 benchmarks/train.py "${dit[@]}" --batch-size "$dit_batch" --steps "$steps" --out "$results"
-  case $? in  # out of memory: keep the matmul outputs, recompute the rest
-    0|124|137) ;;
-    *) step dit_xl2_256_remat_dots 270 python3 benchmarks/train.py "${dit[@]}" --batch-size "$dit_batch" --steps "$steps" \
-         --remat dots --out "$results" ;;
-  esac
+  step_fitting dit_xl2_256 270 python3 benchmarks/train.py "${dit[@]}" --batch-size "$dit_batch" --steps "$steps" \
+    --out "$results"
 
   # Latency: one guided 16x256x256 video, 50 Euler steps at XL width, SD-VAE decode included.
   step xl_sample 270 python3 benchmarks/sample.py --config configs/shapes.py --model.variant "$xl" --sd-vae \
