@@ -4,6 +4,7 @@
     python benchmarks/compare_torch.py              # DiT-S/2 on 32x32x4 latents, batch 8 (DiT's 256px model, S size)
     python benchmarks/compare_torch.py --preset default     # the default run's width, depth and token count
     python benchmarks/compare_torch.py --rounds 5 --steps 5 --out compare.jsonl
+    python benchmarks/compare_torch.py --parts      # also one block's parts, timed alone on each side
 
 Both sides train the same network on the same batch with the same objective and optimizer, on CPU:
 - the network: a class-conditional DiT (adaLN-Zero, 1000 classes + null) in float32, with the
@@ -29,6 +30,14 @@ first, so both are the mean squared noise, about 1) and `--warmup` steps more, t
 `--steps` steps each, so that a machine's drifts hit both alike. Prints the median seconds per
 step of each and `speedup` = PyTorch's median / jaxdit's (above 1: jaxdit is faster). Figures
 are printed, never asserted.
+
+`--parts` then says where the ratio comes from: at the preset's shapes, each side times alone (the
+fastest of at least 10 calls)
+(a) the dense layers' matrix products of one block (qkv, proj, fc1, fc2: forward `x W`, input
+gradient `dy W^T`, weight gradient `x^T dy`) and prints their GFLOP/s, (b) attention forward plus
+backward (jaxdit's "xla" attention; PyTorch's `scaled_dot_product_attention`, which diffusers
+runs), and (c) one whole block forward plus backward (jaxdit's DiTBlock; diffusers'
+BasicTransformerBlock, which also runs its timestep and class embedder).
 """
 
 import argparse
@@ -151,6 +160,79 @@ def timed(step, count: int) -> list[float]:
     return times
 
 
+def best_ms(run, count: int) -> float:
+    """The fastest of `count` calls of `run()` in milliseconds, after two untimed ones: what the part
+    takes alone, without the stalls of a shared machine (the steps' medians include them)."""
+    run(), run()
+    return 1e3 * min(timed(run, count))
+
+
+def part_figures(config, tokens: int, count: int) -> dict:
+    """jaxdit's and PyTorch's times for the parts of one block at the config's shapes, each alone."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    from diffusers.models.attention import BasicTransformerBlock
+    from flax import nnx
+
+    from jaxdit.attention import attention
+    from jaxdit.blocks import DiTBlock
+
+    width, heads, b = config.model.width, config.model.heads, config.train.batch_size
+    m, rng = b * tokens, np.random.default_rng(0)
+
+    def randn(*shape):
+        return rng.standard_normal(shape, np.float32)
+
+    def jax_ms(fn, *args):
+        compiled, args = jax.jit(fn), jax.tree.map(jnp.asarray, args)
+        return best_ms(lambda: jax.block_until_ready(compiled(*args)), count)
+
+    products = {"forward": lambda x, w, dy: x @ w, "input_grad": lambda x, w, dy: dy @ w.T,
+                "weight_grad": lambda x, w, dy: x.T @ dy}
+    layers = [(width, 3 * width), (width, width), (width, 4 * width), (4 * width, width)]  # qkv, proj, fc1, fc2
+    operands = [(randn(m, d_in), randn(d_in, d_out), randn(m, d_out)) for d_in, d_out in layers]  # (x, w, dy)
+    torch_operands = [[torch.from_numpy(a) for a in xwdy] for xwdy in operands]
+    gflop = sum(2 * m * d_in * d_out for d_in, d_out in layers) / 1e9
+    figures = {}
+    for name, product in products.items():  # the four layers' products in one call on each side
+        jaxdit_ms = jax_ms(lambda operands: [product(*xwdy) for xwdy in operands], operands)
+        torch_ms = best_ms(lambda: [product(*xwdy) for xwdy in torch_operands], count)
+        figures |= {f"dense_{name}_jaxdit_gflops": gflop / jaxdit_ms * 1e3, f"dense_{name}_torch_gflops": gflop / torch_ms * 1e3}
+
+    q, k, v, d_out = (randn(b, tokens, heads, width // heads) for _ in range(4))  # (B, N, K, Dh)
+    attention_grad = jax.grad(lambda q, k, v: jnp.vdot(attention(q, k, v, implementation="xla"), d_out), argnums=(0, 1, 2))
+    tq, tk, tv, t_out = (torch.from_numpy(a).transpose(1, 2).contiguous() for a in (q, k, v, d_out))  # (B, K, N, Dh)
+    tq, tk, tv = (a.requires_grad_() for a in (tq, tk, tv))
+    figures["attention_jaxdit_ms"] = jax_ms(attention_grad, q, k, v)
+    figures["attention_torch_ms"] = best_ms(
+        lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tv).backward(t_out), count
+    )
+
+    x, c, d_x = randn(b, tokens, width), randn(b, width), randn(b, tokens, width)
+    graphdef, params = nnx.split(DiTBlock(width, heads, config.model.mlp_ratio, attention="xla", rngs=nnx.Rngs(0)))
+    params = jax.tree.map(lambda p: p + 0.02 * jnp.asarray(randn(*p.shape)), params)  # live gates, not adaLN-Zero's 0
+    block_grad = jax.grad(lambda params, x, c: jnp.vdot(nnx.merge(graphdef, params)(x, c), d_x), argnums=(0, 1, 2))
+    figures["block_jaxdit_ms"] = jax_ms(block_grad, params, x, c)
+    block = BasicTransformerBlock(
+        width, heads, width // heads, activation_fn="gelu-approximate", num_embeds_ada_norm=NUM_CLASSES,
+        norm_type="ada_norm_zero", norm_elementwise_affine=False, norm_eps=DIT_NORM_EPS,
+    )
+    with torch.no_grad():
+        for parameter in block.parameters():
+            parameter.add_(0.02 * torch.randn_like(parameter))
+    tx, t_dx = torch.from_numpy(x).requires_grad_(), torch.from_numpy(d_x)
+    steps, labels = torch.randint(0, config.diffusion.num_steps, (b,)), torch.randint(0, NUM_CLASSES, (b,))
+
+    def torch_block():
+        block.zero_grad(set_to_none=True)  # as the train step's optimizer.zero_grad: no gradients to accumulate into
+        block(tx, timestep=steps, class_labels=labels).backward(t_dx)
+
+    figures["block_torch_ms"] = best_ms(torch_block, count)
+    return figures
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="dit_s2")
@@ -158,6 +240,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (jaxdit, then PyTorch)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per side per round")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
+    parser.add_argument("--parts", action="store_true", help="also time one block's parts alone on each side")
     parser.add_argument("--out", help="append the figures to this JSON-lines file")
     args = parser.parse_args(argv)
     if min(args.rounds, args.steps) < 1 or args.warmup < 0:
@@ -208,6 +291,8 @@ def main(argv=None) -> dict:
         "rounds": args.rounds,
         "steps_per_round": args.steps,
     }
+    if args.parts:
+        record |= part_figures(config, tokens, count=max(10, args.rounds * args.steps))
     flops_per_sample = flops.train_flops(config.model, latent_shape, 0)
     record |= benchmarking.rate_figures(flops_per_sample, config.train.batch_size / jax_s, jax.device_count())
     return benchmarking.report(record, config_file=f"preset {args.preset}", flags=[], out=args.out)

@@ -73,7 +73,7 @@ def test_compare_torch_benchmark(tmp_path, capsys):
     pytest.importorskip("torch", reason="benchmarks/compare_torch.py needs torch: pip install -e '.[compare]'")
     pytest.importorskip("diffusers", reason="benchmarks/compare_torch.py needs diffusers: pip install -e '.[compare]'")
     out = tmp_path / "compare.jsonl"
-    argv = ["--preset", "tiny", "--rounds", "1", "--steps", "2", "--warmup", "0", "--out", str(out)]
+    argv = ["--preset", "tiny", "--rounds", "1", "--steps", "2", "--warmup", "0", "--parts", "--out", str(out)]
     returned = benchmark("compare_torch").main(argv)
     keys = ("config", "device", "devices", "batch_size", "jaxdit_step_s", "torch_step_s", "speedup", "jaxdit_compile_s")
     record = check_record(out, returned, keys, capsys.readouterr().out, "speedup")
@@ -82,6 +82,9 @@ def test_compare_torch_benchmark(tmp_path, capsys):
     # The same objective on both sides: adaLN-Zero predicts zero at first, so each first loss is E[noise^2] = 1.
     assert record["jaxdit_first_loss"] == pytest.approx(1.0, abs=0.1)
     assert record["torch_first_loss"] == pytest.approx(1.0, abs=0.1)
+    parts = [f"dense_{product}_{side}_gflops" for product in ("forward", "input_grad", "weight_grad")
+             for side in ("jaxdit", "torch")] + [f"{part}_{side}_ms" for part in ("attention", "block") for side in ("jaxdit", "torch")]
+    assert all(math.isfinite(record[key]) and record[key] > 0 for key in parts), {key: record.get(key) for key in parts}
 
 
 def test_prompt_adherence_shape_confusion():
