@@ -11,7 +11,7 @@ bigrams in the pooled caption, so that the direction word reaches the condition 
 the colour word. The clips hold one object, whose four words the pooled caption carries whole, so the
 blocks have no cross-attention to the text tokens (it cost a third of the step for no gain in
 adherence; configs/shapes.py, with two objects, keeps it). Batch 8 with AdamW at 3e-3 and beta2 0.95,
-guidance 2. 10000 steps: 13.7 minutes for the whole command on a 2-core Xeon (~12 steps/s).
+guidance 2. 12000 steps: 13.2 minutes for the whole command on a 2-core Xeon (~15 steps/s).
 
 Sample videos of PROMPTS are written to runs/shapes_tiny/samples/ every 2000 steps and at the
 end, with the prompt-adherence rates of 16 fixed prompts logged beside the loss.
@@ -41,7 +41,7 @@ def get_config() -> Config:
         text=TextConfig(max_length=48, depth=1, heads=4, bigram_buckets=4096),
         data=DataConfig(source="shapes", num_frames=8, size=32),
         train=TrainConfig(
-            steps=10000, batch_size=8, learning_rate=3e-3, adam_b2=0.95, warmup_steps=100, lr_schedule="cosine",
+            steps=12000, batch_size=8, learning_rate=3e-3, adam_b2=0.95, warmup_steps=100, lr_schedule="cosine",
             ema_decay=0.995, checkpoint_every=1000, log_every=50,
         ),
         sample=SampleConfig(prompts=PROMPTS, every=2000, steps=50, cfg_scale=2.0, judge_prompts=16),

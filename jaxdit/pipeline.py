@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxdit import context_parallel, frozen_text, sampling
+from jaxdit import context_parallel, frozen_text, host, sampling
 from jaxdit.checkpoint import Checkpointer
 from jaxdit.codec import frozen_codec_state, make_codec, to_uint8
 from jaxdit.config import Config
@@ -194,6 +194,7 @@ class VideoSampler:
                 replicated,
             ),
             out_shardings=batched,
+            compiler_options=host.compiler_options(self.mesh.devices.flat[0].platform),
         )
 
     def _advance(self, done):

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from jaxdit import context_parallel, diffusion, flow
+from jaxdit import context_parallel, diffusion, flow, host
 from jaxdit.codec import frozen_codec_state  # noqa: F401 (what the step takes as codec_state; callers find it here too)
 from jaxdit.codec.autoencoder import VideoAutoencoder, codec_loss
 from jaxdit.config import Config, TrainConfig
@@ -231,5 +231,6 @@ def make_train_step(
         in_shardings=(state_shardings, batch_sharding(mesh), replicated, replicated, text_shardings),
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,
+        compiler_options=host.compiler_options(mesh.devices.flat[0].platform),
     )
 

@@ -1,13 +1,20 @@
-"""jaxdit.host: `import jaxdit` makes malloc keep freed memory, so a step's buffers stop faulting in."""
+"""jaxdit.host: `import jaxdit` makes malloc keep freed memory, so a step's buffers stop faulting in; jaxdit's
+programs on CPU compile with XLA's loop emitters, and compute what XLA's defaults compute."""
 
 import os
 import platform
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from flax import nnx
 
+import jaxdit
 from jaxdit import host
+from tests.helpers import inputs, randomized, tiny_config
 
 # In a fresh interpreter, as XLA:CPU's threads do: a thread mallocs an 8 MiB buffer, writes it and
 # frees it, five times; printed, the page faults of each repeat.
@@ -42,3 +49,25 @@ def test_import_keeps_freed_memory_and_a_user_malloc_setting_wins(monkeypatch):
     assert _faults_per_buffer("import", MALLOC_ARENA_MAX="8") > PAGES // 8  # the user's setting is kept
     monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
     assert host.keep_freed_memory() is False
+
+
+def test_cpu_programs_take_the_loop_emitters_unless_xla_flags_choose(monkeypatch):
+    assert host.compiler_options("gpu") == {} and host.compiler_options("tpu") == {}
+    assert host.compiler_options("cpu") == host.CPU_COMPILER_OPTIONS  # this jaxlib knows the option
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", "") + " --xla_cpu_use_fusion_emitters=true")
+    assert host.compiler_options("cpu") == {}  # the user's choice stands
+
+
+def test_the_loop_emitters_compute_the_model_and_its_gradients_as_the_defaults():
+    config = tiny_config(text_dim=16)
+    graphdef, state = nnx.split(randomized(jaxdit.VideoDiT(config, rngs=nnx.Rngs(0))))
+    x, t, conditions = inputs(config)
+
+    def loss(state):
+        return jnp.mean(nnx.merge(graphdef, state)(x, t, **conditions) ** 2)
+
+    defaults = jax.jit(jax.value_and_grad(loss))(state)
+    loops = jax.jit(jax.value_and_grad(loss), compiler_options=host.compiler_options("cpu"))(state)
+    # Float32 rounding apart, at the scale of each array (a tiny entry of a large gradient differs more).
+    for default, loop in zip(jax.tree.leaves(defaults), jax.tree.leaves(loops)):
+        assert np.abs(loop - default).max() <= 1e-5 * np.abs(default).max() + 1e-8

@@ -9,6 +9,7 @@ under `stop_gradient`.
 
 from flax import nnx
 
+from jaxdit import host
 from jaxdit.codec.base import to_float, to_uint8
 from jaxdit.codec.directory import (
     PARAMS_DIR, RUN_CODEC_DIR, RUN_RECORD, SPEC_FILE, check_unchanged, codec_directory, describe, save,
@@ -76,7 +77,10 @@ def jitted(codec, method: str = "encode"):
     import jax
 
     graphdef, state = nnx.split(codec)
-    apply = jax.jit(lambda state, x: getattr(nnx.merge(graphdef, state), method)(x))
+    apply = jax.jit(
+        lambda state, x: getattr(nnx.merge(graphdef, state), method)(x),
+        compiler_options=host.compiler_options(jax.default_backend()),
+    )
     return lambda x: apply(state, x)
 
 
