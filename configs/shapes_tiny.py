@@ -11,7 +11,7 @@ bigrams in the pooled caption, so that the direction word reaches the condition 
 the colour word. The clips hold one object, whose four words the pooled caption carries whole, so the
 blocks have no cross-attention to the text tokens (it cost a third of the step for no gain in
 adherence; configs/shapes.py, with two objects, keeps it). Batch 8 with AdamW at 3e-3 and beta2 0.95,
-guidance 2. 12000 steps: 13.2 minutes for the whole command on a 2-core Xeon (~15 steps/s).
+guidance 2. 12000 steps: 13.2-14.6 minutes for the whole command on a 2-core Xeon (14-16 steps/s).
 
 Sample videos of PROMPTS are written to runs/shapes_tiny/samples/ every 2000 steps and at the
 end, with the prompt-adherence rates of 16 fixed prompts logged beside the loss.
