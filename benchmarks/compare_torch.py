@@ -176,6 +176,7 @@ def part_figures(config, tokens: int, count: int) -> dict:
     from diffusers.models.attention import BasicTransformerBlock
     from flax import nnx
 
+    from jaxdit import host
     from jaxdit.attention import attention
     from jaxdit.blocks import DiTBlock
 
@@ -185,8 +186,9 @@ def part_figures(config, tokens: int, count: int) -> dict:
     def randn(*shape):
         return rng.standard_normal(shape, np.float32)
 
-    def jax_ms(fn, *args):
-        compiled, args = jax.jit(fn), jax.tree.map(jnp.asarray, args)
+    def jax_ms(fn, *args):  # compiled as jaxdit's train step is
+        compiled = jax.jit(fn, compiler_options=host.compiler_options(jax.default_backend()))
+        args = jax.tree.map(jnp.asarray, args)
         return best_ms(lambda: jax.block_until_ready(compiled(*args)), count)
 
     products = {"forward": lambda x, w, dy: x @ w, "input_grad": lambda x, w, dy: dy @ w.T,
