@@ -199,8 +199,8 @@ def part_figures(config, tokens: int, count: int) -> dict:
     gflop = sum(2 * m * d_in * d_out for d_in, d_out in layers) / 1e9
     figures = {}
     for name, product in products.items():  # the four layers' products in one call on each side
-        jaxdit_ms = jax_ms(lambda operands: [product(*xwdy) for xwdy in operands], operands)
-        torch_ms = best_ms(lambda: [product(*xwdy) for xwdy in torch_operands], count)
+        jaxdit_ms = jax_ms(lambda operands, product=product: [product(*xwdy) for xwdy in operands], operands)
+        torch_ms = best_ms(lambda product=product: [product(*xwdy) for xwdy in torch_operands], count)
         figures |= {f"dense_{name}_jaxdit_gflops": gflop / jaxdit_ms * 1e3, f"dense_{name}_torch_gflops": gflop / torch_ms * 1e3}
 
     q, k, v, d_out = (randn(b, tokens, heads, width // heads) for _ in range(4))  # (B, N, K, Dh)
@@ -251,7 +251,9 @@ def main(argv=None) -> dict:
         import diffusers  # noqa: F401
         import torch
     except ImportError as error:
-        raise SystemExit(f"benchmarks/compare_torch.py needs torch and diffusers: pip install -e '.[compare]' ({error})")
+        raise SystemExit(
+            f"benchmarks/compare_torch.py needs torch and diffusers: pip install -e '.[compare]' ({error})"
+        ) from None
 
     import jax
 

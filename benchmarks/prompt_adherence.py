@@ -28,8 +28,8 @@ def main(argv=None) -> None:
 
     import jax
 
-    from jaxdit.config import resolve_sampler
     from jaxdit.data.judge import judge_all, one_object_prompts, rates
+    from jaxdit.options import resolve_sampler
     from jaxdit.pipeline import Pipeline
 
     pipe = Pipeline.load(args.workdir)

@@ -10,17 +10,25 @@ from jaxdit.host import keep_freed_memory
 
 keep_freed_memory()  # before jax starts its threads: they then share the one arena
 
-from jaxdit.config import (
-    VARIANTS, AutoencoderConfig, CodecConfig, Config, DataConfig, DiffusionConfig, ModelConfig, SampleConfig, TextConfig, TrainConfig,
+from jaxdit.config import (  # noqa: E402 (after the malloc settings, before jax is imported)
+    AutoencoderConfig,
+    CodecConfig,
+    Config,
+    DataConfig,
+    DiffusionConfig,
+    SampleConfig,
+    TextConfig,
+    TrainConfig,
     load_config,
 )
-from jaxdit.model import VideoDiT
+from jaxdit.model import VideoDiT  # noqa: E402
+from jaxdit.model_config import VARIANTS, ModelConfig  # noqa: E402
 
 __all__ = [
     "VARIANTS", "AutoencoderConfig", "CodecConfig", "Config", "DataConfig", "DiffusionConfig", "ModelConfig", "SampleConfig", "TextConfig",
     "TrainConfig", "Pipeline", "VideoDiT", "load_config",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def __getattr__(name: str):

@@ -13,7 +13,7 @@ import einops
 import jax
 import jax.numpy as jnp
 
-from jaxdit.config import ATTENTION_IMPLEMENTATIONS
+from jaxdit.options import ATTENTION_IMPLEMENTATIONS
 
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)  # cuDNN flash attention runs in 16-bit only
 _CUDNN_MAX_HEAD_DIM = 128  # the largest head width every cuDNN flash kernel accepts

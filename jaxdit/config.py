@@ -1,237 +1,53 @@
-"""Configs: frozen dataclasses and the table of model sizes.
+"""Configs: a run's frozen dataclasses, one a section, and how they are read and overridden.
 
-A model size is named by a variant string, "<size>/<patch>", as in DiT's `DiT_models`:
-`"XL/1x2x2"` is DiT-XL (width 1152, depth 28, 16 heads) over spacetime patches of 1 frame
-by 2x2 pixels. `"XL/2"` is short for `"XL/1x2x2"`, DiT's image patch.
-
-Config files (`configs/*.py`) define `get_config()` returning a `Config`; `load_config` reads one.
+`Config` holds the sections (model, data, text, diffusion, codec, train, sample, autoencoder).
+The model's section and the table of model sizes are in `jaxdit.model_config`, the named choices of
+every field in `jaxdit.options`; both are re-exported here, so `from jaxdit.config import ...` reaches
+all of them. Config files (`configs/*.py`) define `get_config()` returning a `Config`; `load_config`
+reads one, and `apply_overrides` applies `--section.field VALUE` flags.
 """
 
 import dataclasses
 import importlib.util
-import math
 import pathlib
-import re
 
-# size name -> (width, depth, heads). S/B/L/XL are DiT's; "tiny" is for tests and CPU demos.
-VARIANTS = {
-    "tiny": (64, 2, 4),
-    "mini": (128, 4, 4),  # the default CPU demo (configs/shapes_tiny.py)
-    "S": (384, 12, 6),
-    "B": (768, 12, 12),
-    "L": (1024, 24, 16),
-    "XL": (1152, 28, 16),
-}
+from jaxdit.model_config import VARIANTS, ModelConfig, parse_variant
+from jaxdit.options import (
+    ATTENTION_IMPLEMENTATIONS,
+    CODECS,
+    CONTEXT_ATTENTION,
+    CONTEXT_AXIS,
+    DATA_SOURCES,
+    DTYPES,
+    LR_SCHEDULES,
+    NOISE_SCHEDULES,
+    POSITIONS,
+    PREDICTIONS,
+    PROCESSES,
+    RECONSTRUCTION_LOSSES,
+    REMAT_POLICIES,
+    SAMPLERS,
+    TASKS,
+    TEXT_ENCODERS,
+    TIME_SAMPLINGS,
+    check_choice,
+    check_minimums,
+    context_degrees,
+    resolve_sampler,
+)
 
-DTYPES = ("float32", "bfloat16", "float16")
-# the built-in moving shapes, videos listed in a manifest, or latents encoded once (jaxdit.data.latent_cache)
-DATA_SOURCES = ("shapes", "folder", "cache")
-# "auto": cuDNN flash attention on GPU with 16-bit compute; "splash", jax's Pallas splash-attention
-# kernel, on a single-device TPU when the sequence lengths are multiples of 128; XLA everywhere
-# else. The rules are jaxdit.attention.resolve_implementation's.
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
-# How tokens know where they are: fixed 3-D sin-cos embeddings added to the tokens (DiT; what its
-# imported checkpoints need), 3-D rotary angles inside self-attention (Wan, HunyuanVideo, Open-Sora 2.0),
-# or both: rotary offsets between tokens, and the absolute place of each, which a prediction made
-# from pure noise (a layout that moves across the clip) can only come from.
-POSITIONS = ("sincos", "rope", "rope+sincos")
-# How self-attention runs when the video tokens are split over the mesh's `context` axis
-# (train.context > 1; jaxdit.context_parallel): "ulysses" all-to-alls the sequence shards into head
-# shards (the heads must divide by the context size); "ring" passes K/V blocks around the devices (any
-# head count); "ulysses_ring" (USP) does Ulysses within groups of model.ulysses_degree devices and a
-# ring across the groups.
-CONTEXT_ATTENTION = ("ulysses_ring", "ulysses", "ring")
-# The mesh axis over which video tokens are split along the sequence (jaxdit.sharding builds the mesh).
-CONTEXT_AXIS = "context"
-# What a block keeps for the backward pass: everything, nothing (recompute the block),
-# or only the matmul outputs.
-REMAT_POLICIES = ("none", "full", "dots")
-NOISE_SCHEDULES = ("linear", "cosine")  # beta schedules of the forward process (DiT: linear)
-# The forward process: DDPM's discrete noising steps (DiT), or flow matching's straight path
-# x_t = (1 - t) x0 + t eps over continuous t (rectified flow: SD3, Open-Sora 2.0).
-PROCESSES = ("ddpm", "flow")
-# What the network predicts: the noise (DiT), the velocity v (DDPM: a*eps - s*x0; flow: eps - x0),
-# or the clean sample x0 (for pixel-space models whose patches have more dimensions than the model's width).
-PREDICTIONS = ("epsilon", "v", "x0")
-TIME_SAMPLINGS = ("uniform", "logit_normal")  # how flow training draws t in (0, 1)
-LR_SCHEDULES = ("constant", "cosine")  # after the linear warm-up
-# identity: the model works on pixels scaled to [-1, 1]; saved: the frozen codec in codec.path
-CODECS = ("identity", "saved")
-RECONSTRUCTION_LOSSES = ("l1", "mse")
-# byte: UTF-8 bytes and a small encoder trained with the DiT; t5: a frozen pretrained T5 / umT5 (jaxdit.t5)
-TEXT_ENCODERS = ("byte", "t5")
-TASKS = ("dit", "codec")  # what train.py trains: the diffusion transformer, or a video autoencoder (a codec)
-# Each process's samplers, its default first: DDIM (deterministic at eta 0) or ancestral DDPM
-# for DDPM runs; Euler or Heun (2nd order) ODE integration for flow runs.
-SAMPLERS = {"ddpm": ("ddim", "ddpm"), "flow": ("euler", "heun")}
-
-def resolve_sampler(sampler: str, process: str) -> str:
-    """The sampler that runs ("": the process's default), or an error naming the process's samplers."""
-    if not sampler:
-        return SAMPLERS[process][0]
-    if sampler not in SAMPLERS[process]:
-        known = sum(SAMPLERS.values(), ())
-        raise ValueError(
-            f"unknown sampler {sampler!r}; use one of {', '.join(known)}." if sampler not in known else
-            f"sampler {sampler!r} does not sample a {process} run; use one of {', '.join(SAMPLERS[process])} "
-            f"(diffusion.process={process!r})."
-        )
-    return sampler
-
-
-def context_degrees(mode: str, heads: int, context: int, ulysses_degree: int = 0) -> tuple[int, int]:
-    """How `context` devices split a self-attention of `heads` heads: (Ulysses degree u, ring degree r),
-    u * r = context. Ulysses gives each device heads / u of the heads, so u must divide them.
-
-    ulysses: (context, 1); ring: (1, context); ulysses_ring: u = ulysses_degree, or gcd(heads, context) when 0.
-    """
-    if mode == "ring" or context == 1:
-        return 1, context
-    if mode == "ulysses":
-        if heads % context:
-            raise ValueError(
-                f"model.context_attention='ulysses' gives each of the {context} devices of the context axis "
-                f"(train.context) an equal share of the heads, so the {heads} heads must be divisible by "
-                f"{context}. Use model.context_attention='ring' (any head count) or 'ulysses_ring' "
-                f"(Ulysses over gcd(heads, context) = {math.gcd(heads, context)} devices, a ring across them), "
-                "or a context size that divides the heads."
-            )
-        return context, 1
-    ulysses = ulysses_degree or math.gcd(heads, context)
-    if heads % ulysses or context % ulysses:
-        raise ValueError(
-            f"model.ulysses_degree={ulysses} must divide both the {heads} heads and train.context={context}; "
-            f"use 0 for gcd(heads, context) = {math.gcd(heads, context)}."
-        )
-    return ulysses, context // ulysses
+__all__ = [
+    "ATTENTION_IMPLEMENTATIONS", "CODECS", "CONTEXT_ATTENTION", "CONTEXT_AXIS", "DATA_SOURCES", "DTYPES",
+    "LR_SCHEDULES", "NOISE_SCHEDULES", "POSITIONS", "PREDICTIONS", "PROCESSES", "RECONSTRUCTION_LOSSES",
+    "REMAT_POLICIES", "SAMPLERS", "TASKS", "TEXT_ENCODERS", "TIME_SAMPLINGS", "VARIANTS",
+    "AutoencoderConfig", "CodecConfig", "Config", "ConfigError", "DataConfig", "DiffusionConfig", "ModelConfig",
+    "SampleConfig", "TextConfig", "TrainConfig",
+    "apply_overrides", "context_degrees", "load_config", "parse_variant", "resolve_sampler",
+]
 
 
 class ConfigError(ValueError):
     """A config that cannot run here (e.g. a batch that does not split over the devices)."""
-
-
-_PATCH = re.compile(r"^(\d+)(?:x(\d+)x(\d+))?$")
-
-
-def parse_variant(variant: str) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """`"B/2x4x4"` -> ((width, depth, heads), (pt, ph, pw)); `"B/2"` means patch (1, 2, 2)."""
-    size, _, patch = variant.partition("/")
-    match = _PATCH.match(patch)
-    if size not in VARIANTS or match is None:
-        raise ValueError(
-            f"model.variant {variant!r} is not a known variant: write <size>/<patch> with size one "
-            f"of {', '.join(VARIANTS)} and patch 'P' (image, 1xPxP) or 'PTxPHxPW', e.g. 'XL/1x2x2'."
-        )
-    pt, ph, pw = (1, int(match[1]), int(match[1])) if match[2] is None else map(int, match.groups())
-    if min(pt, ph, pw) < 1:
-        raise ValueError(f"model.variant {variant!r}: every patch size must be at least 1.")
-    return VARIANTS[size], (pt, ph, pw)
-
-
-def _check_minimums(section: str, config, **minimums: int) -> None:
-    for name, low in minimums.items():
-        if getattr(config, name) < low:
-            raise ValueError(f"{section}.{name} must be at least {low}, got {getattr(config, name)}.")
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}.")
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """The VideoDiT architecture. Width, depth, heads and patch all come from `variant`."""
-
-    variant: str = "S/1x2x2"
-    in_channels: int = 4  # latent channels C of the codec
-    learn_sigma: bool = False  # also predict the variance (DiT): output has 2C channels
-    num_classes: int = 0  # 0: no class labels; label `num_classes` is the null label (CFG)
-    class_dropout_prob: float = 0.1  # labels replaced by the null label in training (CFG)
-    text_dim: int = 0  # width of the text encoder's token features; 0: no text conditioning
-    cross_attention: bool = True  # blocks attend to the text tokens (when text_dim > 0)
-    mlp_ratio: float = 4.0
-    frequency_dim: int = 256  # sinusoidal timestep features fed to the timestep MLP
-    dtype: str = "float32"  # computation dtype; parameters are always float32
-    attention: str = "auto"  # one of ATTENTION_IMPLEMENTATIONS
-    remat: str = "none"  # one of REMAT_POLICIES, applied per block
-    # Blocks held as one stack of parameters with a leading depth axis and applied by a scan:
-    # XLA compiles one block instead of `depth`. Parameters are stored under another name
-    # (`stacked_blocks`); `jaxdit.model.stack_blocks` converts an unrolled model's state.
-    scan_layers: bool = False
-    positions: str = "sincos"  # one of POSITIONS
-    # Flow matching only: the network sees (1 - t) x_t, x_t scaled by its share of signal, so at high
-    # noise the positions are not drowned by the patch embedding of the noise (at t = 1 the input is
-    # zero and the prediction comes from the positions and the condition alone). Sampling does the same.
-    flow_input_scale: bool = False
-    qk_norm: bool = False  # RMSNorm of queries and keys in every attention
-    # In training, each sample hides a fraction U(0, token_mask_ratio) of its video tokens behind a
-    # learned mask embedding (MDT / MaskDiT): their prediction must come from the other tokens,
-    # which teaches the model how the tokens of one clip depend on each other. 0: off.
-    token_mask_ratio: float = 0.0
-    # Self-attention over video tokens split along the sequence (train.context > 1): one of
-    # CONTEXT_ATTENTION. It changes how attention communicates, never its result or the parameters.
-    context_attention: str = "ulysses_ring"
-    # ulysses_ring: devices per Ulysses group (must divide the heads and the context size);
-    # 0: gcd(heads, context size), as much Ulysses as the heads allow, the rest a ring.
-    ulysses_degree: int = 0
-
-    def __post_init__(self):
-        (width, _, heads), _ = parse_variant(self.variant)
-        _check_choice("model.context_attention", self.context_attention, CONTEXT_ATTENTION)
-        _check_minimums("model", self, ulysses_degree=0)
-        if self.ulysses_degree and heads % self.ulysses_degree:
-            raise ValueError(
-                f"model.ulysses_degree={self.ulysses_degree} must divide the {heads} heads of {self.variant}; "
-                "use a divisor, or 0 for gcd(heads, train.context)."
-            )
-        _check_choice("model.dtype", self.dtype, DTYPES)
-        _check_choice("model.positions", self.positions, POSITIONS)
-        if not 0.0 <= self.token_mask_ratio < 1.0:
-            raise ValueError(f"model.token_mask_ratio must be in [0, 1), got {self.token_mask_ratio}.")
-        if "rope" in self.positions and ((width // heads) % 2 or width // heads < 6):
-            raise ValueError(
-                f"model.positions={self.positions!r} needs an even head width of at least 6; {self.variant} has "
-                f"{width // heads}."
-            )
-        _check_choice("model.attention", self.attention, ATTENTION_IMPLEMENTATIONS)
-        _check_choice("model.remat", self.remat, REMAT_POLICIES)
-        _check_minimums("model", self, in_channels=1, frequency_dim=1, num_classes=0, text_dim=0)
-        if not 0.0 <= self.class_dropout_prob < 1.0:
-            raise ValueError(f"model.class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}.")
-        if self.mlp_ratio <= 0:
-            raise ValueError(f"model.mlp_ratio must be positive, got {self.mlp_ratio}.")
-        # Sin-cos positions split the width in halves, each a sin and a cos half again.
-        if width % 4 or width % heads:
-            raise ValueError(f"model width {width} must be divisible by 4 and by the {heads} heads.")
-
-    @classmethod
-    def from_variant(cls, variant: str, **overrides) -> "ModelConfig":
-        return cls(variant=variant, **overrides)
-
-    @property
-    def width(self) -> int:
-        return parse_variant(self.variant)[0][0]
-
-    @property
-    def depth(self) -> int:
-        return parse_variant(self.variant)[0][1]
-
-    @property
-    def heads(self) -> int:
-        return parse_variant(self.variant)[0][2]
-
-    @property
-    def patch(self) -> tuple[int, int, int]:
-        return parse_variant(self.variant)[1]
-
-    @property
-    def out_channels(self) -> int:
-        return 2 * self.in_channels if self.learn_sigma else self.in_channels
-
-    @property
-    def has_text(self) -> bool:
-        return self.text_dim > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,14 +70,14 @@ class DataConfig:
     prefetch: int = 2  # batches read ahead
 
     def __post_init__(self):
-        _check_choice("data.source", self.source, DATA_SOURCES)
+        check_choice("data.source", self.source, DATA_SOURCES)
         if self.source == "folder" and not self.manifest:
             raise ValueError("data.source='folder' needs data.manifest: a CSV or JSONL with path and text columns.")
         if self.source == "cache" and not self.cache:
             raise ValueError(
                 "data.source='cache' needs data.cache: a directory written by `python -m jaxdit.data.latent_cache`."
             )
-        _check_minimums("data", self, num_frames=1, size=1, max_objects=1, frame_stride=1, num_workers=0, prefetch=0)
+        check_minimums("data", self, num_frames=1, size=1, max_objects=1, frame_stride=1, num_workers=0, prefetch=0)
         if self.fps < 0:
             raise ValueError(f"data.fps must be >= 0 (0: use data.frame_stride), got {self.fps}.")
         if not 0.0 <= self.caption_dropout < 1.0:
@@ -285,10 +101,10 @@ class TextConfig:
     bigram_buckets: int = 0
 
     def __post_init__(self):
-        _check_choice("text.encoder", self.encoder, TEXT_ENCODERS)
+        check_choice("text.encoder", self.encoder, TEXT_ENCODERS)
         # No float16: T5 v1.1's activations overflow it (transformers clamps them; bfloat16 has the range).
-        _check_choice("text.dtype", self.dtype, ("auto", "float32", "bfloat16"))
-        _check_minimums("text", self, max_length=3, depth=1, heads=1, bigram_buckets=0)
+        check_choice("text.dtype", self.dtype, ("auto", "float32", "bfloat16"))
+        check_minimums("text", self, max_length=3, depth=1, heads=1, bigram_buckets=0)
         if self.bigram_buckets and self.encoder != "byte":
             raise ValueError("text.bigram_buckets is for the trained byte encoder (text.encoder='byte'); set it to 0.")
 
@@ -311,11 +127,11 @@ class DiffusionConfig:
     shift_reference_tokens: int = 0
 
     def __post_init__(self):
-        _check_choice("diffusion.process", self.process, PROCESSES)
-        _check_minimums("diffusion", self, num_steps=1, shift_reference_tokens=0)
-        _check_choice("diffusion.schedule", self.schedule, NOISE_SCHEDULES)
-        _check_choice("diffusion.prediction", self.prediction, PREDICTIONS)
-        _check_choice("diffusion.time_sampling", self.time_sampling, TIME_SAMPLINGS)
+        check_choice("diffusion.process", self.process, PROCESSES)
+        check_minimums("diffusion", self, num_steps=1, shift_reference_tokens=0)
+        check_choice("diffusion.schedule", self.schedule, NOISE_SCHEDULES)
+        check_choice("diffusion.prediction", self.prediction, PREDICTIONS)
+        check_choice("diffusion.time_sampling", self.time_sampling, TIME_SAMPLINGS)
         if self.time_std <= 0 or self.shift <= 0:
             raise ValueError(
                 f"diffusion.time_std and diffusion.shift must be positive; got {self.time_std} and {self.shift}."
@@ -335,7 +151,7 @@ class CodecConfig:
     path: str = ""  # kind="saved": a codec directory (jaxdit.codec.load), e.g. a codec-training run's workdir
 
     def __post_init__(self):
-        _check_choice("codec.kind", self.kind, CODECS)
+        check_choice("codec.kind", self.kind, CODECS)
         if self.kind == "saved" and not self.path:
             raise ValueError(
                 "codec.kind='saved' needs codec.path: the workdir of a codec training run "
@@ -371,8 +187,8 @@ class AutoencoderConfig:
                 f"autoencoder.temporal_downsample={self.temporal_downsample} must be in 0..{len(self.channels) - 1} "
                 "(the number of halvings, len(channels) - 1)."
             )
-        _check_minimums("autoencoder", self, latent_channels=1, blocks=1, patch=1, eval_clips=1)
-        _check_choice("autoencoder.reconstruction", self.reconstruction, RECONSTRUCTION_LOSSES)
+        check_minimums("autoencoder", self, latent_channels=1, blocks=1, patch=1, eval_clips=1)
+        check_choice("autoencoder.reconstruction", self.reconstruction, RECONSTRUCTION_LOSSES)
         if self.kl_weight < 0:
             raise ValueError(f"autoencoder.kl_weight must be >= 0, got {self.kl_weight}.")
 
@@ -402,11 +218,11 @@ class TrainConfig:
     log_every: int = 50  # steps between metrics.jsonl / TensorBoard records
 
     def __post_init__(self):
-        _check_minimums(
+        check_minimums(
             "train", self, steps=1, batch_size=1, warmup_steps=0, max_bad_steps=1, fsdp=1, context=1,
             checkpoint_every=1, keep_checkpoints=1, log_every=1,
         )
-        _check_choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
         if self.warmup_steps >= self.steps:
             raise ValueError(
                 f"train.warmup_steps={self.warmup_steps} must be smaller than train.steps={self.steps}; "
@@ -441,8 +257,8 @@ class SampleConfig:
     def __post_init__(self):
         object.__setattr__(self, "prompts", tuple(self.prompts))  # a list after a JSON round trip
         if self.sampler:
-            _check_choice("sample.sampler", self.sampler, sum(SAMPLERS.values(), ()))
-        _check_minimums("sample", self, steps=1, num_samples=1, every=0, guidance_channels=0, judge_prompts=0)
+            check_choice("sample.sampler", self.sampler, sum(SAMPLERS.values(), ()))
+        check_minimums("sample", self, steps=1, num_samples=1, every=0, guidance_channels=0, judge_prompts=0)
         if self.eta < 0 or self.cfg_scale < 0 or self.fps <= 0:
             raise ValueError("sample.eta and sample.cfg_scale must be >= 0 and sample.fps positive.")
 
@@ -463,7 +279,7 @@ class Config:
     autoencoder: AutoencoderConfig = dataclasses.field(default_factory=AutoencoderConfig)
 
     def __post_init__(self):
-        _check_choice("task", self.task, TASKS)
+        check_choice("task", self.task, TASKS)
         resolve_sampler(self.sample.sampler, self.diffusion.process)
         if self.sample.judge_prompts and self.data.source != "shapes":
             raise ValueError(

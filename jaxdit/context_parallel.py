@@ -8,7 +8,7 @@ Everything in a DiT block but attention is token-local (patch embedding, adaLN, 
 the final layer): it runs on each device's tokens unchanged, with XLA partitioning it from the
 sharding `split_tokens` puts on the tokens. Only attention communicates, written by hand with
 `jax.shard_map` inside the jitted step:
-- self-attention, by `model.context_attention` (`jaxdit.config.context_degrees` says how c splits):
+- self-attention, by `model.context_attention` (`jaxdit.options.context_degrees` says how c splits):
   - ulysses: an all-to-all turns the sequence shards into head shards (every token, K/c heads),
     the project's `attention()` runs locally (so cuDNN / splash / XLA all compose), and an
     all-to-all turns the result back. The heads must divide by c. Where the local attention is
@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from jaxdit.attention import attention, resolve_implementation
-from jaxdit.config import CONTEXT_AXIS, context_degrees
+from jaxdit.options import CONTEXT_AXIS, context_degrees
 
 # A masked key's logit: exp of it minus any real logit is exactly 0 in float32, and unlike -inf
 # it never makes a NaN when a whole block is masked.
@@ -115,7 +115,7 @@ def self_attention(
 
     q, k, v (B, N, K, Dh) with N a multiple of the context size (`split_tokens`), mask (B, N) bool:
     the keys that may be attended to. Returns (B, N, K, Dh). Raises ValueError where the heads do
-    not split as `mode` needs (`jaxdit.config.context_degrees`).
+    not split as `mode` needs (`jaxdit.options.context_degrees`).
     """
     context = context_size()
     if context == 1:

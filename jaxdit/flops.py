@@ -24,7 +24,7 @@ Pure Python: no jax import, so benchmarks and scripts can count before building 
 
 import math
 
-from jaxdit.config import ModelConfig
+from jaxdit.model_config import ModelConfig
 
 FLOPS_PER_MULTIPLY_ADD = 2
 TRAIN_FORWARD_EQUIVALENTS = 3  # forward + backward (gradients of activations and of weights)
@@ -67,9 +67,9 @@ def num_tokens(model: ModelConfig, latent_shape: tuple[int, ...]) -> int:
     if len(latent_shape) != 4:
         raise ValueError(f"latent_shape is one sample's (T, H, W, C), got {tuple(latent_shape)}.")
     sizes, patch = latent_shape[:3], model.patch
-    if any(size % p for size, p in zip(sizes, patch)):
+    if any(size % p for size, p in zip(sizes, patch, strict=True)):
         raise ValueError(f"latents {tuple(latent_shape)} do not divide into patches {'x'.join(map(str, patch))}.")
-    return math.prod(size // p for size, p in zip(sizes, patch))
+    return math.prod(size // p for size, p in zip(sizes, patch, strict=True))
 
 
 def forward_flops_by_part(model: ModelConfig, latent_shape: tuple[int, ...], text_length: int = 0) -> dict[str, int]:

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdit.config import PREDICTIONS, TIME_SAMPLINGS
+from jaxdit.options import PREDICTIONS, TIME_SAMPLINGS
 
 TIME_SCALE = 1000.0  # the network sees t * 1000: the range of DDPM's steps
 MIN_DENOMINATOR = 0.05  # JiT's clamp of t (x0) and 1 - t (epsilon) when turning a prediction into a velocity

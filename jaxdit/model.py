@@ -12,9 +12,9 @@ from flax import nnx
 
 from jaxdit import context_parallel
 from jaxdit.blocks import DiTBlock, FinalLayer, Linear
-from jaxdit.config import ModelConfig
 from jaxdit.embed import LabelEmbedder, PooledTextEmbedder, TimestepEmbedder
 from jaxdit.flow import TIME_SCALE
+from jaxdit.model_config import ModelConfig
 from jaxdit.patch import grid_shape, patchify, rope_3d, sincos_3d, unpatchify
 
 _REMAT_POLICIES = {

@@ -21,14 +21,14 @@ def grid_shape(video_shape: tuple[int, ...], patch: Patch) -> Grid:
     """(B, T, H, W, C) -> the patch grid (T', H', W'), with an error naming any size that does not divide."""
     if len(video_shape) != 5:
         raise ValueError(f"expected a video batch (B, T, H, W, C), got shape {tuple(video_shape)}.")
-    sizes = dict(zip(("frames", "height", "width"), video_shape[1:4]))
-    bad = [f"{name} {size} by {p}" for (name, size), p in zip(sizes.items(), patch) if size % p]
+    sizes = dict(zip(("frames", "height", "width"), video_shape[1:4], strict=True))
+    bad = [f"{name} {size} by {p}" for (name, size), p in zip(sizes.items(), patch, strict=True) if size % p]
     if bad:
         raise ValueError(
             f"video of shape {tuple(video_shape)} does not divide into patches {'x'.join(map(str, patch))}: "
             f"{', '.join(bad)}. Crop or pad the video (or its latents) to a multiple of the patch."
         )
-    return tuple(size // p for size, p in zip(video_shape[1:4], patch))
+    return tuple(size // p for size, p in zip(video_shape[1:4], patch, strict=True))
 
 
 def patchify(x: jax.Array, patch: Patch) -> jax.Array:
@@ -96,7 +96,7 @@ def rope_3d(head_dim: int, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
     """
     coords = np.meshgrid(*(np.arange(n) for n in grid), indexing="ij")  # 3x (T', H', W')
     angles = []
-    for coord, pairs in zip(coords, rope_axes(head_dim)):
+    for coord, pairs in zip(coords, rope_axes(head_dim), strict=True):
         omega = 1.0 / _MAX_PERIOD ** (np.arange(pairs, dtype=np.float64) / pairs)  # (n,)
         angles.append(np.einsum("m,d->md", coord.ravel().astype(np.float64), omega))  # (N, n)
     angles = np.concatenate(angles, axis=1)  # (N, head_dim / 2)

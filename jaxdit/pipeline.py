@@ -134,8 +134,8 @@ class VideoSampler:
             for start in range(0, total, batch):
                 index = np.arange(start, start + batch)  # (b,) sample indices; past `total`: padding
                 take = np.minimum(index, total - 1)
-                chunk = lambda arrays: {name: value[take] for name, value in arrays.items()}
-                inputs = (chunk(cond), chunk(null), index.astype(np.int32), np.uint32(seed), np.float32(cfg_scale))
+                cond_chunk, null_chunk = ({name: value[take] for name, value in arrays.items()} for arrays in (cond, null))
+                inputs = (cond_chunk, null_chunk, index.astype(np.int32), np.uint32(seed), np.float32(cfg_scale))
                 frozen = (self._codec_state, self._text_state)
                 out = program(params, model_rngs, *frozen, *_global(inputs, self.mesh))  # (b, T, H, W, 3) uint8
                 videos.append(_to_host(out)[: total - start])

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdit import diffusion, flow
-from jaxdit.config import resolve_sampler
+from jaxdit.options import resolve_sampler
 
 Denoise = Callable[[jax.Array, jax.Array], jax.Array]  # (x (B, ...), t (B,)) -> output (B, ..., C or 2C)
 

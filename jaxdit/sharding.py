@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from jaxdit.config import CONTEXT_AXIS
+from jaxdit.options import CONTEXT_AXIS
 
 log = logging.getLogger(__name__)
 

@@ -456,7 +456,7 @@ class T5Tokenizer:
 
     def encode_batch(self, captions: list[str]) -> dict[str, np.ndarray]:
         """captions -> {"text_tokens": int32 (B, L), "text_mask": bool (B, L)}."""
-        tokens, masks = zip(*map(self.encode, captions))
+        tokens, masks = zip(*map(self.encode, captions), strict=True)
         return {"text_tokens": np.stack(tokens), "text_mask": np.stack(masks)}
 
     def count(self, caption: str) -> int:

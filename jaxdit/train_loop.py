@@ -19,9 +19,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxdit.checkpoint import IMPORT_RECORD, Checkpointer
 from jaxdit import codec as codecs
 from jaxdit import frozen_text
+from jaxdit.checkpoint import IMPORT_RECORD, Checkpointer
 from jaxdit.codec import frozen_codec_state, make_codec
 from jaxdit.config import Config, ConfigError
 from jaxdit.data.judge import ADHERENCE_RATES, one_object_prompts, summary
@@ -30,7 +30,11 @@ from jaxdit.metrics import MetricsWriter
 from jaxdit.pipeline import VideoSampler
 from jaxdit.sharding import data_parallel_size, global_batch, make_mesh
 from jaxdit.train_step import (
-    abstract_train_state, create_train_state, make_model, make_train_step, model_graphdef,
+    abstract_train_state,
+    create_train_state,
+    make_model,
+    make_train_step,
+    model_graphdef,
 )
 
 log = logging.getLogger(__name__)
@@ -83,7 +87,7 @@ def check_config(config: Config, mesh: jax.sharding.Mesh, codec) -> None:
             latents = codec.latent_shape((config.data.num_frames, config.data.size, config.data.size, 3))
         except ValueError as error:
             raise ConfigError(f"data.num_frames / data.size do not fit the {config.codec.kind} codec: {error}") from None
-    for name, length, patch in zip(("frames", "height", "width"), latents, config.model.patch):
+    for name, length, patch in zip(("frames", "height", "width"), latents[:3], config.model.patch, strict=True):
         if length % patch:
             raise ConfigError(
                 f"the codec makes latents of {length} {name}, which model.variant's patch {config.model.patch} "

@@ -115,7 +115,7 @@ def create_train_state(config: Config, abstract_state: TrainState) -> TrainState
 
 def flow_shift(config: Config, latent_shape: tuple[int, ...]) -> float:
     """The flow time shift for latents (..., T, H, W, C): diffusion.shift, scaled by their token count if asked."""
-    grid = [size // p for size, p in zip(latent_shape[-4:-1], config.model.patch)]
+    grid = [size // p for size, p in zip(latent_shape[-4:-1], config.model.patch, strict=True)]
     d = config.diffusion
     return flow.resolve_shift(d.shift, d.shift_reference_tokens, math.prod(grid))
 

@@ -104,7 +104,7 @@ def grid_image(videos: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
     """(B, T, H, W, 3) -> (B * (TEXT_HEIGHT + h), T * (w + GAP) - GAP, 3): a row of frames per video."""
     videos = upscale(videos)  # (B, T, h, w, 3)
     rows = []
-    for video, prompt in zip(videos, prompts):
+    for video, prompt in zip(videos, prompts, strict=True):
         frames = _join(list(video), axis=-2)  # (h, T * (w + GAP) - GAP, 3)
         rows += [label(frames.shape[1], prompt), frames]
     return np.concatenate(rows, axis=0)
@@ -125,7 +125,7 @@ def tile_videos(videos: np.ndarray, prompts: Sequence[str], num_samples: int) ->
     videos = upscale(videos)  # (B, T, h, w, 3)
     frames, width = videos.shape[1], videos.shape[3]
     panels = [np.concatenate([np.broadcast_to(label(width, prompt), (frames, TEXT_HEIGHT, width, 3)), video], axis=1)
-              for video, prompt in zip(videos, prompts)]  # each (T, TEXT_HEIGHT + h, w, 3)
+              for video, prompt in zip(videos, prompts, strict=True)]  # each (T, TEXT_HEIGHT + h, w, 3)
     rows = [_join(panels[i:i + num_samples], axis=-2)
             for i in range(0, len(panels), num_samples)]  # each (T, TEXT_HEIGHT + h, S * (w + GAP) - GAP, 3)
     return _join(rows, axis=-3)

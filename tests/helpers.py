@@ -16,7 +16,7 @@ def randomized(model: nnx.Module, seed: int = 0, scale: float = 0.2) -> nnx.Modu
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
-    leaves = [scale * jax.random.normal(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves)]
+    leaves = [scale * jax.random.normal(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves, strict=True)]
     return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves), rest)
 
 

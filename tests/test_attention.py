@@ -1,3 +1,5 @@
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,10 +50,10 @@ def test_xla_attention_and_its_backward_match_jax_dot_product_attention(dtype, a
     def ours(q, k, v, mask):
         return attention(q, k, v, mask=mask, implementation="xla")
 
-    (want, want_vjp), (got, got_vjp) = (jax.vjp(lambda *a: fn(*a, mask), q, k, v) for fn in (jax_attention, ours))
+    (want, want_vjp), (got, got_vjp) = (jax.vjp(functools.partial(fn, mask=mask), q, k, v) for fn in (jax_attention, ours))
     f32 = lambda x: np.asarray(x, np.float32)
     np.testing.assert_allclose(f32(got), f32(want), atol=atol)
-    for name, g, w in zip("qkv", got_vjp(d_out), want_vjp(d_out)):
+    for name, g, w in zip("qkv", got_vjp(d_out), want_vjp(d_out), strict=True):
         assert g.dtype == dtype, name
         np.testing.assert_allclose(f32(g), f32(w), atol=atol * 4, err_msg=f"d{name}")
 
@@ -106,7 +108,7 @@ def test_splash_kernel_matches_xla_self_attention(interpreted_splash):
     grads_and_out = jax.jit(jax.grad(loss, (0, 1, 2), has_aux=True), static_argnums=3)
     (splash_grads, splash), (xla_grads, xla) = (grads_and_out(q, k, v, impl) for impl in ("splash", "xla"))
     np.testing.assert_allclose(splash, xla, atol=1e-5)
-    for got, want in zip(splash_grads, xla_grads):
+    for got, want in zip(splash_grads, xla_grads, strict=True):
         np.testing.assert_allclose(got, want, atol=1e-5)
 
 
@@ -158,7 +160,7 @@ def test_cudnn_path_pads_odd_lengths_without_changing_outputs_or_gradients(monke
     monkeypatch.setattr(jax.nn, "dot_product_attention", even_lengths_only)
     got = vjp("cudnn")
     assert seen and all(n % 2 == 0 and length % 2 == 0 for n, length in seen)
-    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
         assert g.shape == w.shape, name
         np.testing.assert_allclose(g, w, atol=1e-5, err_msg=name)
 
@@ -177,7 +179,7 @@ def test_cudnn_gradients_match_xla_in_bfloat16(keys):
         out, pullback = jax.vjp(lambda q, k, v: attention(q, k, v, mask=mask, implementation=implementation), q, k, v)
         return [np.asarray(x, np.float32) for x in (out, *pullback(d_out))]
 
-    for name, got, want in zip(("out", "dq", "dk", "dv"), vjp("cudnn"), vjp("xla")):
+    for name, got, want in zip(("out", "dq", "dk", "dv"), vjp("cudnn"), vjp("xla"), strict=True):
         scale = np.abs(want).max()
         np.testing.assert_allclose(got / scale, want / scale, atol=2e-2, err_msg=name)
 

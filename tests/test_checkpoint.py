@@ -14,7 +14,8 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P, SingleDeviceSharding
+from jax.sharding import AxisType, NamedSharding, SingleDeviceSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxdit.checkpoint import Checkpointer, latest_step
 from tests.checkpoint_writer import config_at, state_at
@@ -48,7 +49,7 @@ def abstract(tree):
 
 def assert_bit_identical(restored, expected):
     assert jax.tree.structure(restored) == jax.tree.structure(expected)
-    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(expected)):
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(expected), strict=True):
         assert (got.shape, got.dtype) == (want.shape, want.dtype)
         assert np.asarray(got).tobytes() == np.asarray(want).tobytes()
 

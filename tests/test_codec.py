@@ -19,8 +19,18 @@ from jaxdit import codec as codecs
 from jaxdit.codec.autoencoder import VideoAutoencoder
 from jaxdit.codec.linear import fit
 from jaxdit.codec.train import HELD_OUT_SEED_OFFSET, psnr
-from jaxdit.config import AutoencoderConfig, CodecConfig, Config, ConfigError, DataConfig, ModelConfig, TrainConfig
-from jaxdit.config import TextConfig, apply_overrides, load_config
+from jaxdit.config import (
+    AutoencoderConfig,
+    CodecConfig,
+    Config,
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    TextConfig,
+    TrainConfig,
+    apply_overrides,
+    load_config,
+)
 from jaxdit.data.latent_cache import write_cache
 from jaxdit.data.shapes import ShapesDataset
 from jaxdit.pipeline import Pipeline, VideoSampler

@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 import jaxdit
-from jaxdit.config import parse_variant
+from jaxdit.model_config import parse_variant
 
 CONFIGS = sorted((pathlib.Path(__file__).parents[1] / "configs").glob("*.py"))
 
@@ -105,3 +105,21 @@ def test_sample_prompts_from_the_command_line_and_through_json():
     for field, value in [("sampler", "rk4"), ("steps", 0), ("eta", -1.0), ("fps", 0.0)]:
         with pytest.raises(ValueError, match="sample"):
             jaxdit.SampleConfig(**{field: value})
+
+
+def test_jaxdit_config_still_exports_what_moved_to_options_and_model_config():
+    from jaxdit import config, model_config, options
+
+    moved = {
+        options: ["DTYPES", "DATA_SOURCES", "ATTENTION_IMPLEMENTATIONS", "POSITIONS", "CONTEXT_ATTENTION", "CONTEXT_AXIS",
+                  "REMAT_POLICIES", "NOISE_SCHEDULES", "PROCESSES", "PREDICTIONS", "TIME_SAMPLINGS", "LR_SCHEDULES",
+                  "CODECS", "RECONSTRUCTION_LOSSES", "TEXT_ENCODERS", "TASKS", "SAMPLERS", "resolve_sampler",
+                  "context_degrees"],
+        model_config: ["VARIANTS", "parse_variant", "ModelConfig"],
+    }
+    for module, names in moved.items():
+        for name in names:
+            assert getattr(config, name) is getattr(module, name), name
+            assert name in config.__all__, name
+    assert set(config.__all__) <= set(dir(config))
+    assert jaxdit.ModelConfig is config.ModelConfig and jaxdit.VARIANTS is config.VARIANTS

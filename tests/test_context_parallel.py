@@ -79,7 +79,7 @@ def test_self_attention_over_the_context_axis_equals_one_device(qkvw, reference,
         return [attention_value_and_grads(attend(mode, degree), q, k, v, w) for mode, degree in MODES]
 
     results = jax.jit(context_parallel.traced_on(mesh, every_mode))(*replicated(mesh, qkvw))
-    for (mode, _), (out, grads) in zip(MODES, results):
+    for (mode, _), (out, grads) in zip(MODES, results, strict=True):
         assert_trees_close((out, grads), reference, mode)
         assert np.abs(np.asarray(grads[1])).max() > 0  # the keys' gradients are not trivially zero
 

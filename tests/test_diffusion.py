@@ -60,8 +60,8 @@ def reference_schedule(kind, n):
 REF = reference_schedule("linear", STEPS)
 
 
-def ref_at(name, t, ndim=len(SHAPE)):
-    return REF[name][t].reshape((-1,) + (1,) * (ndim - 1))
+def ref_at(name, t):
+    return REF[name][t].reshape((-1,) + (1,) * (len(SHAPE) - 1))
 
 
 def ref_vb_bits(x0, x_t, t, model_out, var_values, prediction):

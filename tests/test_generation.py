@@ -45,8 +45,9 @@ def test_load_gives_the_config_the_ema_model_and_the_codec(run, pipe):
     checkpointer = Checkpointer(run / "checkpoints", read_only=True)
     state = checkpointer.restore(abstract_train_state(pipe.config, make_mesh(devices=jax.devices()[:1])))
     ema = jax.tree.leaves(state.ema)
-    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(pipe.denoiser), ema))
-    assert not all(np.array_equal(a, b) for a, b in zip(ema, jax.tree.leaves(state.params)))  # EMA, not the raw weights
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(pipe.denoiser), ema, strict=True))
+    raw = jax.tree.leaves(state.params)
+    assert not all(np.array_equal(a, b) for a, b in zip(ema, raw, strict=True))  # EMA, not the raw weights
     assert Pipeline.load(run, step=1).step == 1
 
 

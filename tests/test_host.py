@@ -82,5 +82,5 @@ def test_the_loop_emitters_compute_the_model_and_its_gradients_as_the_defaults()
     defaults = jax.jit(jax.value_and_grad(loss))(state)
     loops = jax.jit(jax.value_and_grad(loss), compiler_options=host.compiler_options("cpu"))(state)
     # Float32 rounding apart, at the scale of each array (a tiny entry of a large gradient differs more).
-    for default, loop in zip(jax.tree.leaves(defaults), jax.tree.leaves(loops)):
+    for default, loop in zip(jax.tree.leaves(defaults), jax.tree.leaves(loops), strict=True):
         assert np.abs(loop - default).max() <= 1e-5 * np.abs(default).max() + 1e-8

@@ -85,7 +85,8 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_the_graph_sees_local_and_relative_imports(tmp_path):
     files = ("pkg/__init__.py", "pkg/a.py", "pkg/b.py", "pkg/sub/__init__.py", "pkg/sub/c.py", "other.py")
-    modules = dict(zip(("pkg", "pkg.a", "pkg.b", "pkg.sub", "pkg.sub.c", "other"), (tmp_path / f for f in files)))
+    names = ("pkg", "pkg.a", "pkg.b", "pkg.sub", "pkg.sub.c", "other")
+    modules = dict(zip(names, (tmp_path / f for f in files), strict=True))
     (tmp_path / "pkg/sub").mkdir(parents=True)
     for path in modules.values():
         path.write_text("")

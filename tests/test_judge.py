@@ -85,7 +85,7 @@ def test_ground_truth_passes(clips):
     print("ground truth:", {k: round(v, 4) for k, v in accuracy.items()})
     assert all(accuracy[check] >= GROUND_TRUTH for check in CHECKS), accuracy
     assert all(v.judged and v.shape in SHAPES for v in verdicts)
-    assert summary(*zip(*clips)) == pytest.approx(accuracy | {"judged": 1.0})
+    assert summary(*zip(*clips, strict=True)) == pytest.approx(accuracy | {"judged": 1.0})
 
 
 def test_wrong_captions_fail(some_clips):

@@ -61,7 +61,7 @@ def test_the_cache_gives_the_batches_of_live_encoding(tmp_path, saved_codec):
     encode = codecs.jitted(codec)  # as training encodes: XLA's fused pixel scaling can differ from eager's by an ulp
     assert len(cached_batches) == len(live_batches) == NUM_CLIPS // 4
     dropped = 0
-    for want, got in zip(live_batches, cached_batches):
+    for want, got in zip(live_batches, cached_batches, strict=True):
         assert "video" not in got and got["latents"].dtype == np.float32
         np.testing.assert_array_equal(got["latents"], encode(want["video"]))
         np.testing.assert_allclose(got["latents"], codec.encode(want["video"]), rtol=0, atol=1e-6)

@@ -14,7 +14,7 @@ def test_patchify_round_trip_random_shapes(seed):
     patch = tuple(int(p) for p in rng.integers(1, 4, size=3))
     grid = tuple(int(g) for g in rng.integers(1, 5, size=3))
     batch, channels = int(rng.integers(1, 3)), int(rng.integers(1, 5))
-    shape = (batch, *(g * p for g, p in zip(grid, patch)), channels)
+    shape = (batch, *(g * p for g, p in zip(grid, patch, strict=True)), channels)
     x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
 
     tokens = patchify(x, patch)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 import jaxdit
-from jaxdit.data.pipeline import make_dataset
 from jaxdit import video_io
+from jaxdit.data.pipeline import make_dataset
 from jaxdit.text import ByteTokenizer
 
 
@@ -65,7 +65,7 @@ def test_process_slices_put_together_are_the_single_process_batches():
         for process in range(2)
     ]
     assert len(single) == 4 and all(len(s) == 4 for s in slices)
-    assert [a + b for a, b in zip(*slices)] == single
+    assert [a + b for a, b in zip(*slices, strict=True)] == single
 
 
 def test_every_epoch_is_a_new_permutation():
@@ -102,7 +102,7 @@ def test_caption_dropout_is_seeded_and_empties_the_caption():
         dataset = make_dataset(config(caption_dropout=dropout), global_batch_size=100, source=NumberedClips(100))
         batch = next(iter(dataset))
         empty = batch["text_mask"].sum(axis=1) == 2  # BOS EOS only
-        for tokens, is_empty, i in zip(batch["text_tokens"], empty, indices(batch)):
+        for tokens, is_empty, i in zip(batch["text_tokens"], empty, indices(batch), strict=True):
             assert tokenizer.decode(tokens) == ("" if is_empty else f"clip {i}")
         return empty.mean(), empty
 

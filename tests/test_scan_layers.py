@@ -61,12 +61,14 @@ def test_scanned_forward_and_gradients_with_remat_equal_unrolled():
     (scan,) = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "scan"]
     assert any(eqn.primitive.name.startswith("remat") for eqn in scan.params["jaxpr"].eqns)  # jax.checkpoint
     expected = stack_blocks(grads)
-    for want, got in zip(jax.tree.leaves(expected[STACKED_BLOCKS]), jax.tree.leaves(scanned_grads[STACKED_BLOCKS])):
+    stacked = (jax.tree.leaves(expected[STACKED_BLOCKS]), jax.tree.leaves(scanned_grads[STACKED_BLOCKS]))
+    for want, got in zip(*stacked, strict=True):
         np.testing.assert_array_equal(got, want)
     # Every block adds to the gradient of the condition c; the backward scan sums those in another
     # order than unrolled XLA does, so what lies before c (timestep, label, pooled-text embedders)
     # agrees to float32 rounding (about 2e-7 of its largest entry), not bitwise.
-    for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(expected), jax.tree.leaves(scanned_grads)):
+    leaves = (jax.tree_util.tree_leaves_with_path(expected), jax.tree.leaves(scanned_grads))
+    for (path, want), got in zip(*leaves, strict=True):
         atol = 1e-6 * np.abs(want).max()
         np.testing.assert_allclose(got, want, rtol=0, atol=atol, err_msg=jax.tree_util.keystr(path))
 

@@ -75,7 +75,8 @@ def test_bigram_bag_puts_the_sum_of_the_captions_bigrams_in_the_pooled_features(
     table = np.asarray(bag.bigram_embed.embedding[...])
     pool = lambda f: np.asarray((f * mask[..., None]).sum(1) / mask.sum(1, keepdims=True))  # the DiT's masked mean
     for b in range(3):
-        ids = [(int(x) * VOCAB_SIZE + int(y)) % 97 for x, y, m in zip(tokens[b, :-1], tokens[b, 1:], mask[b, 1:]) if m]
+        pairs = zip(tokens[b, :-1], tokens[b, 1:], mask[b, 1:], strict=True)
+        ids = [(int(x) * VOCAB_SIZE + int(y)) % 97 for x, y, m in pairs if m]
         np.testing.assert_allclose(pool(features)[b] - pool(base)[b], table[ids].sum(0), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="bigram_buckets is for the trained byte encoder"):
         __import__("jaxdit").TextConfig(encoder="t5", bigram_buckets=8)

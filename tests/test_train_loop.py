@@ -53,7 +53,7 @@ def test_two_n_steps_equal_n_steps_restart_n_steps_bit_for_bit(tmp_path):
     assert losses(tmp_path / "straight") == losses(tmp_path / "restarted")
     straight, resumed = restored(tmp_path / "straight", config), restored(tmp_path / "restarted", config)
     assert int(resumed.step) == 4
-    assert all(np.array_equal(a, b) for a, b in zip(arrays(straight), arrays(resumed)))
+    assert all(np.array_equal(a, b) for a, b in zip(arrays(straight), arrays(resumed), strict=True))
 
 
 def test_a_run_resumes_onto_another_mesh(tmp_path):
@@ -62,9 +62,9 @@ def test_a_run_resumes_onto_another_mesh(tmp_path):
     state = restored(tmp_path, TINY, mesh=sharded_mesh)
     replicated = restored(tmp_path, TINY, mesh=make_mesh(devices=jax.devices()[:1]))
     assert any("fsdp" in str(x.sharding.spec) for x in jax.tree.leaves(state.params))
-    assert all(np.array_equal(a, b) for a, b in zip(arrays(state), arrays(replicated)))
+    assert all(np.array_equal(a, b) for a, b in zip(arrays(state), arrays(replicated), strict=True))
     with_context = restored(tmp_path, TINY, mesh=make_mesh(fsdp=2, context=2))  # the mesh (2, 2, 2)
-    assert all(np.array_equal(a, b) for a, b in zip(arrays(with_context), arrays(replicated)))
+    assert all(np.array_equal(a, b) for a, b in zip(arrays(with_context), arrays(replicated), strict=True))
     metrics = train(tiny("--train.steps", "3", "--train.fsdp", "4"), tmp_path)  # and trains on from there
     assert np.isfinite(metrics["loss"]) and int(restored(tmp_path, TINY).step) == 3
 

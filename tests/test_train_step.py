@@ -16,7 +16,12 @@ from jaxdit.config import apply_overrides, load_config
 from jaxdit.data.pipeline import make_dataset
 from jaxdit.sharding import global_batch, is_stacked, make_mesh, param_axes
 from jaxdit.train_step import (
-    abstract_train_state, create_train_state, frozen_codec_state, make_optimizer, make_train_step, model_graphdef,
+    abstract_train_state,
+    create_train_state,
+    frozen_codec_state,
+    make_optimizer,
+    make_train_step,
+    model_graphdef,
 )
 
 TINY = load_config("configs/tiny.py")
@@ -74,7 +79,7 @@ def test_eight_devices_match_one_device(fsdp):
     new_1, metrics_1 = step_1(state_1, first_batch(config, one), rng)
     new_8, metrics_8 = step_8(state_8, first_batch(config, eight), rng)
     np.testing.assert_allclose(metrics_8["loss"], metrics_1["loss"], rtol=1e-6)
-    for a, b in zip(leaves(new_1.params), leaves(new_8.params)):
+    for a, b in zip(leaves(new_1.params), leaves(new_8.params), strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
 
 
@@ -88,7 +93,7 @@ def test_a_non_finite_batch_is_skipped_and_counted():
     assert bool(metrics["skipped"]) and int(metrics["bad_steps"]) == 1 and int(metrics["skipped_total"]) == 1
     assert not np.isfinite(float(metrics["loss"]))
     after = leaves((state.params, state.ema, state.opt_state.inner_state))
-    assert all(np.array_equal(a, b) for a, b in zip(before, after))  # nothing moved, not even the EMA
+    assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))  # nothing moved, not even the EMA
     state, metrics = step(state, batch, jax.random.key(1))
     assert not bool(metrics["skipped"]) and int(metrics["bad_steps"]) == 0 and int(metrics["skipped_total"]) == 1
     assert int(state.step) == 2
@@ -100,7 +105,7 @@ def test_ema_follows_the_parameters_at_its_decay():
     old_ema = leaves(state.ema)
     state, _ = step(state, first_batch(TINY, mesh), jax.random.key(0))
     decay = TINY.train.ema_decay
-    for e0, p, e in zip(old_ema, leaves(state.params), leaves(state.ema)):
+    for e0, p, e in zip(old_ema, leaves(state.params), leaves(state.ema), strict=True):
         np.testing.assert_allclose(e, decay * e0 + (1 - decay) * p, rtol=1e-6, atol=1e-7)
 
 
@@ -114,7 +119,7 @@ def test_weight_decay_only_on_matrices(scan_layers):
     tx = make_optimizer(config.train)
     # With zero gradients only weight decay can move a parameter.
     updates = jax.jit(lambda p: tx.update(jax.tree.map(jnp.zeros_like, p), tx.init(p), p)[0])(params)
-    for (path, p), u in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(updates)):
+    for (path, p), u in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(updates), strict=True):
         matrix = p.ndim >= 3 if is_stacked(path) else p.ndim >= 2  # stacked blocks: a leading layer axis
         assert np.any(np.asarray(u) != 0) == matrix, jax.tree_util.keystr(path)
 

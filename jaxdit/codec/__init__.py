@@ -12,7 +12,14 @@ from flax import nnx
 from jaxdit import host
 from jaxdit.codec.base import to_float, to_uint8
 from jaxdit.codec.directory import (
-    PARAMS_DIR, RUN_CODEC_DIR, RUN_RECORD, SPEC_FILE, check_unchanged, codec_directory, describe, save,
+    PARAMS_DIR,
+    RUN_CODEC_DIR,
+    RUN_RECORD,
+    SPEC_FILE,
+    check_unchanged,
+    codec_directory,
+    describe,
+    save,
 )
 from jaxdit.codec.identity import IdentityCodec
 from jaxdit.config import CodecConfig

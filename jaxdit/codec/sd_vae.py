@@ -12,6 +12,8 @@ default arguments it is SD-VAE's architecture (about 84M parameters).
 Axes: B batch (frames folded in), T frames, H, W, C channels, N = H * W tokens.
 """
 
+import itertools
+
 import einops
 import jax
 import jax.numpy as jnp
@@ -113,7 +115,7 @@ class DownBlock(nnx.Module):
 
     def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, *, last: bool, rngs: nnx.Rngs):
         widths = [in_channels] + [out_channels] * layers
-        self.resnets = nnx.List([ResnetBlock(i, o, groups, rngs=rngs) for i, o in zip(widths[:-1], widths[1:])])
+        self.resnets = nnx.List([ResnetBlock(i, o, groups, rngs=rngs) for i, o in itertools.pairwise(widths)])
         self.downsample = nnx.data(None if last else Downsample(out_channels, rngs=rngs))
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -127,7 +129,7 @@ class UpBlock(nnx.Module):
 
     def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, *, last: bool, rngs: nnx.Rngs):
         widths = [in_channels] + [out_channels] * layers
-        self.resnets = nnx.List([ResnetBlock(i, o, groups, rngs=rngs) for i, o in zip(widths[:-1], widths[1:])])
+        self.resnets = nnx.List([ResnetBlock(i, o, groups, rngs=rngs) for i, o in itertools.pairwise(widths)])
         self.upsample = nnx.data(None if last else Upsample(out_channels, rngs=rngs))
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -31,10 +31,9 @@ from flax import nnx
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from jaxdit.checkpoint import IMPORT_RECORD
-from jaxdit.config import (
-    VARIANTS, CodecConfig, Config, DataConfig, DiffusionConfig, ModelConfig, SampleConfig, TrainConfig, parse_variant,
-)
+from jaxdit.config import CodecConfig, Config, DataConfig, DiffusionConfig, SampleConfig, TrainConfig
 from jaxdit.convert import read_tensors, some
+from jaxdit.model_config import VARIANTS, ModelConfig, parse_variant
 from jaxdit.patch import sincos_3d
 
 log = logging.getLogger(__name__)

@@ -70,7 +70,7 @@ def canonical_key(key: str) -> str:
 def source_shape(layout: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     """The torch shape a parameter of `shape` comes from: `layout` read backwards."""
     torch_axes, nnx_axes = (side.split() for side in layout.split("->"))
-    sizes = dict(zip(nnx_axes, shape))
+    sizes = dict(zip(nnx_axes, shape, strict=True))
     return tuple(sizes[axis] for axis in torch_axes)
 
 

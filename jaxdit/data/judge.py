@@ -198,7 +198,7 @@ def judge(video: np.ndarray, caption: str) -> list[Verdict]:
     named = [o.colour for o in objects]
     labels, brightness = _classify_pixels(video)  # (T, H, W) each
     totals = np.bincount(labels[labels >= 0], brightness[labels >= 0], minlength=len(COLOURS))  # (8,)
-    rival = max((total for total, c in zip(totals, COLOURS) if c not in named), default=0.0)
+    rival = max((total for total, c in zip(totals, COLOURS, strict=True) if c not in named), default=0.0)
     verdicts = []
     for o in objects:
         k = list(COLOURS).index(o.colour)
@@ -214,7 +214,7 @@ def judge_all(videos, captions) -> list[Verdict]:
     videos, captions = list(videos), list(captions)
     if len(videos) != len(captions):
         raise ValueError(f"judging needs one caption per video; got {len(videos)} videos, {len(captions)} captions.")
-    return [v for video, caption in zip(videos, captions) for v in judge(video, caption)]
+    return [v for video, caption in zip(videos, captions, strict=True) for v in judge(video, caption)]
 
 
 def summary(videos, captions) -> dict[str, float]:

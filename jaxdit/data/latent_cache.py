@@ -30,8 +30,21 @@ from flax import nnx
 from jaxdit import frozen_text
 from jaxdit.config import Config, ConfigError
 from jaxdit.data.cache_format import (  # noqa: F401 (LatentCache: the reader of what this module writes)
-    CAPTIONS, FEATURES, FORMAT, HEADER, LABELS, LATENT_DTYPE, LATENTS, MASK, NULL_TEXT, TOKENS, WRITE_COMMAND,
-    LatentCache, codec_record, shard_name, to_bfloat16_bits,
+    CAPTIONS,
+    FEATURES,
+    FORMAT,
+    HEADER,
+    LABELS,
+    LATENT_DTYPE,
+    LATENTS,
+    MASK,
+    NULL_TEXT,
+    TOKENS,
+    WRITE_COMMAND,
+    LatentCache,
+    codec_record,
+    shard_name,
+    to_bfloat16_bits,
 )
 from jaxdit.data.pipeline import make_source
 from jaxdit.text import make_tokenizer

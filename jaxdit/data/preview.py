@@ -35,9 +35,9 @@ def gif_frames(clips: list[dict]) -> np.ndarray:
     """Clips -> (T, cell + text, clips * cell, 3) uint8: the clips side by side, playing."""
     videos = [upscale(clip["video"]) for clip in clips]
     length = min(len(v) for v in videos)
-    labels = [label(v.shape[2], clip["caption"]) for v, clip in zip(videos, clips)]
+    labels = [label(v.shape[2], clip["caption"]) for v, clip in zip(videos, clips, strict=True)]
     panels = [np.concatenate([v[:length], np.broadcast_to(row, (length, *row.shape))], axis=1)
-              for v, row in zip(videos, labels)]  # each (T, h + text, w, 3)
+              for v, row in zip(videos, labels, strict=True)]  # each (T, h + text, w, 3)
     return np.concatenate(panels, axis=2)
 
 

@@ -1,0 +1,106 @@
+"""The named choices of jaxdit's config fields, and the rules that resolve two of them.
+
+Each tuple lists what one config field accepts (`model.dtype` one of DTYPES, ...); a config section
+checks its values against them with `check_choice` and `check_minimums`, which name the field and
+what it accepts. `resolve_sampler` and `context_degrees` turn two fields into what runs.
+"""
+
+import math
+
+DTYPES = ("float32", "bfloat16", "float16")
+# the built-in moving shapes, videos listed in a manifest, or latents encoded once (jaxdit.data.latent_cache)
+DATA_SOURCES = ("shapes", "folder", "cache")
+# "auto": cuDNN flash attention on GPU with 16-bit compute; "splash", jax's Pallas splash-attention
+# kernel, on a single-device TPU when the sequence lengths are multiples of 128; XLA everywhere
+# else. The rules are jaxdit.attention.resolve_implementation's.
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
+# How tokens know where they are: fixed 3-D sin-cos embeddings added to the tokens (DiT; what its
+# imported checkpoints need), 3-D rotary angles inside self-attention (Wan, HunyuanVideo, Open-Sora 2.0),
+# or both: rotary offsets between tokens, and the absolute place of each, which a prediction made
+# from pure noise (a layout that moves across the clip) can only come from.
+POSITIONS = ("sincos", "rope", "rope+sincos")
+# How self-attention runs when the video tokens are split over the mesh's `context` axis
+# (train.context > 1; jaxdit.context_parallel): "ulysses" all-to-alls the sequence shards into head
+# shards (the heads must divide by the context size); "ring" passes K/V blocks around the devices (any
+# head count); "ulysses_ring" (USP) does Ulysses within groups of model.ulysses_degree devices and a
+# ring across the groups.
+CONTEXT_ATTENTION = ("ulysses_ring", "ulysses", "ring")
+# The mesh axis over which video tokens are split along the sequence (jaxdit.sharding builds the mesh).
+CONTEXT_AXIS = "context"
+# What a block keeps for the backward pass: everything, nothing (recompute the block),
+# or only the matmul outputs.
+REMAT_POLICIES = ("none", "full", "dots")
+NOISE_SCHEDULES = ("linear", "cosine")  # beta schedules of the forward process (DiT: linear)
+# The forward process: DDPM's discrete noising steps (DiT), or flow matching's straight path
+# x_t = (1 - t) x0 + t eps over continuous t (rectified flow: SD3, Open-Sora 2.0).
+PROCESSES = ("ddpm", "flow")
+# What the network predicts: the noise (DiT), the velocity v (DDPM: a*eps - s*x0; flow: eps - x0),
+# or the clean sample x0 (for pixel-space models whose patches have more dimensions than the model's width).
+PREDICTIONS = ("epsilon", "v", "x0")
+TIME_SAMPLINGS = ("uniform", "logit_normal")  # how flow training draws t in (0, 1)
+LR_SCHEDULES = ("constant", "cosine")  # after the linear warm-up
+# identity: the model works on pixels scaled to [-1, 1]; saved: the frozen codec in codec.path
+CODECS = ("identity", "saved")
+RECONSTRUCTION_LOSSES = ("l1", "mse")
+# byte: UTF-8 bytes and a small encoder trained with the DiT; t5: a frozen pretrained T5 / umT5 (jaxdit.t5)
+TEXT_ENCODERS = ("byte", "t5")
+TASKS = ("dit", "codec")  # what train.py trains: the diffusion transformer, or a video autoencoder (a codec)
+# Each process's samplers, its default first: DDIM (deterministic at eta 0) or ancestral DDPM
+# for DDPM runs; Euler or Heun (2nd order) ODE integration for flow runs.
+SAMPLERS = {"ddpm": ("ddim", "ddpm"), "flow": ("euler", "heun")}
+
+
+def resolve_sampler(sampler: str, process: str) -> str:
+    """The sampler that runs ("": the process's default), or an error naming the process's samplers."""
+    if not sampler:
+        return SAMPLERS[process][0]
+    if sampler not in SAMPLERS[process]:
+        known = sum(SAMPLERS.values(), ())
+        raise ValueError(
+            f"unknown sampler {sampler!r}; use one of {', '.join(known)}." if sampler not in known else
+            f"sampler {sampler!r} does not sample a {process} run; use one of {', '.join(SAMPLERS[process])} "
+            f"(diffusion.process={process!r})."
+        )
+    return sampler
+
+
+def context_degrees(mode: str, heads: int, context: int, ulysses_degree: int = 0) -> tuple[int, int]:
+    """How `context` devices split a self-attention of `heads` heads: (Ulysses degree u, ring degree r),
+    u * r = context. Ulysses gives each device heads / u of the heads, so u must divide them.
+
+    ulysses: (context, 1); ring: (1, context); ulysses_ring: u = ulysses_degree, or gcd(heads, context) when 0.
+    """
+    if mode == "ring" or context == 1:
+        return 1, context
+    if mode == "ulysses":
+        if heads % context:
+            raise ValueError(
+                f"model.context_attention='ulysses' gives each of the {context} devices of the context axis "
+                f"(train.context) an equal share of the heads, so the {heads} heads must be divisible by "
+                f"{context}. Use model.context_attention='ring' (any head count) or 'ulysses_ring' "
+                f"(Ulysses over gcd(heads, context) = {math.gcd(heads, context)} devices, a ring across them), "
+                "or a context size that divides the heads."
+            )
+        return context, 1
+    ulysses = ulysses_degree or math.gcd(heads, context)
+    if heads % ulysses or context % ulysses:
+        raise ValueError(
+            f"model.ulysses_degree={ulysses} must divide both the {heads} heads and train.context={context}; "
+            f"use 0 for gcd(heads, context) = {math.gcd(heads, context)}."
+        )
+    return ulysses, context // ulysses
+
+
+
+def check_minimums(section: str, config, **minimums: int) -> None:
+    """Each named field of `config` is at least its minimum, or an error names the field."""
+    for name, low in minimums.items():
+        if getattr(config, name) < low:
+            raise ValueError(f"{section}.{name} must be at least {low}, got {getattr(config, name)}.")
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    """`value` is one of `choices`, or an error names the field `name` and the choices."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}.")
+
