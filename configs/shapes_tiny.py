@@ -2,7 +2,7 @@
 
 8 frames of 32x32 pixels are cut into 2x8x8 spacetime patches (64 tokens) for a 4-block model of
 width 128, conditioned by adaLN-Zero on the timestep and the pooled caption of a 1-block byte-level
-text encoder. The recipe (docs/quality.md, "What the default CPU run reaches"): flow matching that
+text encoder. The recipe (docs/quality.md, "The recipe, and why each part is there"): flow matching that
 predicts the clean clip (x0, velocity loss), logit-normal times shifted toward noise (s = 3); 3-D
 rotary positions with QK-norm, which let the tokens of one clip agree on one object, plus sin-cos
 positions, from which the prediction at pure noise draws a layout that moves; the input scaled by its
@@ -11,7 +11,7 @@ bigrams in the pooled caption, so that the direction word reaches the condition 
 the colour word. The clips hold one object, whose four words the pooled caption carries whole, so the
 blocks have no cross-attention to the text tokens (it cost a third of the step for no gain in
 adherence; configs/shapes.py, with two objects, keeps it). Batch 8 with AdamW at 3e-3 and beta2 0.95,
-guidance 2. 12000 steps: 13.2-14.6 minutes for the whole command on a 2-core Xeon (14-16 steps/s).
+guidance 2. 12000 steps: 13-16 minutes for the whole command on 2 CPU cores (docs/quality.md, "The default run").
 
 Sample videos of PROMPTS are written to runs/shapes_tiny/samples/ every 2000 steps and at the
 end, with the prompt-adherence rates of 16 fixed prompts logged beside the loss.
