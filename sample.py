@@ -2,12 +2,15 @@
 
     python sample.py --workdir runs/shapes_tiny --prompt "a large red circle moving left" --out red.mp4
     python sample.py --workdir runs/shapes_tiny --prompts-file prompts.txt --num-samples 4 --out grid.png
+    python sample.py --workdir runs/shapes_tiny --prompt "a large red circle moving left" --height 32 --width 64 --out wide.mp4
+    python sample.py --workdir runs/shapes_tiny --prompt "a large red circle moving left" --num-frames 1 --out still.png
 
 The extension of --out picks the format: .mp4 and .gif (every sample playing at once, a row
 per prompt), .png (a row of frames per sample, its prompt above), .npy (the uint8 array
 (prompts * samples, T, H, W, 3), prompts in order, the samples of a prompt adjacent).
-Unset options come from the run's `sample` config. The same seed gives the same pixels on
-any number of devices. A class-conditional model (no text) takes class indices, as
+Unset options come from the run's `sample` config; the frames and size from its `data` config (any
+other that the patch and codec divide works, with a warning if the run did not train on it; one frame
+is an image). The same seed gives the same pixels on any number of devices. A class-conditional model (no text) takes class indices, as
 --class-label 207 360 (or as prompts); an imported DiT (python -m jaxdit.convert.dit) so:
 
     python sample.py --workdir runs/dit_xl2_256 --class-label 207 360 387 974 88 979 417 279 --out grid.png
@@ -49,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--step", type=int, help="the checkpoint step to load (default: the newest)")
     parser.add_argument("--num-frames", type=int, help="frames per video (default: the run's data.num_frames)")
-    parser.add_argument("--size", type=int, help="frame height and width (default: the run's data.size)")
+    parser.add_argument("--height", type=int, help="frame height in pixels (default: the run's data.size)")
+    parser.add_argument("--width", type=int, help="frame width in pixels (default: the run's data.size)")
+    parser.add_argument("--size", type=int, help="a square frame: --height S --width S")
     parser.add_argument("--batch-size", type=int, help="samples per forward pass (default: all at once)")
     parser.add_argument("--text-path", help="a text.encoder='t5' run's encoder folder, when it moved since training")
     parser.add_argument("--context", type=int, default=1,
@@ -69,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     prompts = read_prompts(args, parser)
     if args.num_samples < 1 or (args.batch_size is not None and args.batch_size < 1):
         parser.error("--num-samples and --batch-size must be at least 1.")
+    if args.size is not None and (args.height is not None or args.width is not None):
+        parser.error("give --size (a square) or --height and --width, not both.")
 
     from jaxdit.pipeline import Pipeline
 
@@ -81,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         videos = pipe.generate(
             prompts, num_samples=args.num_samples, steps=args.steps, sampler=args.sampler,
             cfg_scale=args.cfg_scale, eta=args.eta, seed=args.seed, num_frames=args.num_frames,
-            size=args.size, batch_size=args.batch_size, progress=True,
+            height=args.height, width=args.width, size=args.size, batch_size=args.batch_size, progress=True,
         )  # (P * S, T, H, W, 3) uint8
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))

@@ -89,11 +89,11 @@ def run(config, args) -> dict:
     sampler = VideoSampler(config, model_graphdef(config), codec, mesh, shardings)
     batch_size = args.batch_size or mesh.size
     prompts = prompts_for(config, batch_size)
-    latent_shape = sampler.latent_shape(data.num_frames, data.size)
+    latent_shape = sampler.latent_shape(data.num_frames, data.size, data.size)
     sampler_name = sampling.check_sampler(args.sampler, args.steps, config.diffusion.num_steps, config.diffusion.process)
     kwargs = dict(
         seed=config.train.seed, sampler=sampler_name, steps=args.steps, eta=args.eta, cfg_scale=args.cfg_scale,
-        num_frames=data.num_frames, size=data.size, batch_size=batch_size,
+        num_frames=data.num_frames, height=data.size, width=data.size, batch_size=batch_size,
     )
 
     start = time.perf_counter()

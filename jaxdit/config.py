@@ -83,6 +83,11 @@ class DataConfig:
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"data.caption_dropout must be in [0, 1), got {self.caption_dropout}.")
 
+    @property
+    def shapes(self) -> tuple[tuple[int, int, int], ...]:
+        """The (frames, height, width) of the videos this data trains on."""
+        return ((self.num_frames, self.size, self.size),)
+
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:

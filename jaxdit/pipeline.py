@@ -92,10 +92,10 @@ class VideoSampler:
         self._text_graphdef, self._text_state = frozen_text.load(config, mesh) if text_encoder is None else text_encoder
         self._programs = {}
 
-    def latent_shape(self, num_frames: int, size: int) -> tuple[int, int, int, int]:
-        """Frames and size of the videos -> one sample's latent shape (T, H, W, C), or a clear error."""
+    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """Frames, height and width of the videos -> one sample's latent shape (T, H, W, C), or a clear error."""
         patch, factors = self.config.model.patch, self.codec.factors
-        checks = (("frames", num_frames, 0), ("size", size, 1), ("size", size, 2))
+        checks = (("frames", num_frames, 0), ("height", height, 1), ("width", width, 2))
 
         def misfit(name, value, axis):
             multiple = patch[axis] * factors[axis]
@@ -107,7 +107,7 @@ class VideoSampler:
         for name, value, axis in checks:
             if value < 1:
                 raise misfit(name, value, axis)
-        latents = self.codec.latent_shape((num_frames, size, size, 3))  # the codec's rule (causal: 1 + 2^k n frames)
+        latents = self.codec.latent_shape((num_frames, height, width, 3))  # the codec's rule (causal: 1 + 2^k n frames)
         for name, value, axis in checks:
             if latents[axis] % patch[axis]:
                 raise misfit(name, value, axis)
@@ -115,12 +115,13 @@ class VideoSampler:
 
     def __call__(
         self, params, model_rngs, prompts: list[str], *, seed: int, sampler: str, steps: int, eta: float,
-        cfg_scale: float, num_frames: int, size: int, batch_size: int | None = None, progress: bool = False,
+        cfg_scale: float, num_frames: int, height: int, width: int, batch_size: int | None = None,
+        progress: bool = False,
     ) -> np.ndarray:
         """One video per prompt (repeat a prompt for several samples) -> uint8 (B, T, H, W, 3)."""
         config = self.config
         sampler = sampling.check_sampler(sampler, steps, config.diffusion.num_steps, config.diffusion.process)
-        shape = self.latent_shape(num_frames, size)
+        shape = self.latent_shape(num_frames, height, width)
         cond, null = conditions(config, prompts)
         guided = bool(null) and cfg_scale != 1.0  # no condition, or g = 1: one pass per step
         total = len(prompts)
@@ -199,6 +200,16 @@ class VideoSampler:
 
     def _advance(self, done):
         self._bar.update(1)
+
+
+def _warn_if_untrained(trained: tuple[tuple[int, int, int], ...], shape: tuple[int, int, int]) -> None:
+    """Any grid runs, but a size far from the training sizes may be drawn poorly: say so."""
+    if shape not in trained:
+        named = ", ".join("x".join(map(str, s)) for s in trained)
+        warnings.warn(
+            f"{'x'.join(map(str, shape))} (frames x height x width) is not a size this run trained on ({named}); "
+            "the model runs on any grid, but may draw this one poorly.", stacklevel=3,
+        )
 
 
 def _check_codec_record(config: Config, workdir: pathlib.Path) -> None:
@@ -311,19 +322,32 @@ class Pipeline:
         eta: float | None = None,
         seed: int = 0,
         num_frames: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
         size: int | None = None,
         batch_size: int | None = None,
         progress: bool = False,
     ) -> np.ndarray:
         """Prompts -> uint8 videos (len(prompts) * num_samples, T, H, W, 3), samples of a prompt adjacent.
 
-        Unset arguments come from the run's `sample` config (sampler, steps, cfg_scale, eta) and
-        `data` config (num_frames, size). `batch_size` caps the samples per forward pass.
+        The video is `num_frames` frames of `height` x `width` pixels (`size`: a square), any that the patch
+        and the codec divide; `num_frames=1` is an image. Unset arguments come from the run's `sample`
+        config (sampler, steps, cfg_scale, eta) and `data` config (its frames and size). A shape the run
+        did not train on works, with a warning. `batch_size` caps the samples per forward pass.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts or num_samples < 1:
             raise ValueError(f"give at least one prompt and num_samples >= 1; got {len(prompts)} and {num_samples}.")
         defaults, data = self.config.sample, self.config.data
+        if size is not None and (height is not None or width is not None):
+            raise ValueError(f"give size (a square) or height and width, not both; got size={size}, "
+                             f"height={height}, width={width}.")
+        default_frames, default_height, default_width = data.shapes[0]
+        num_frames = default_frames if num_frames is None else num_frames
+        height = size if size is not None else default_height if height is None else height
+        width = size if size is not None else default_width if width is None else width
+        self._sampler.latent_shape(num_frames, height, width)  # a size the model cannot make: an error first
+        _warn_if_untrained(data.shapes, (num_frames, height, width))
         _, params, model_rngs = nnx.split(self.denoiser, nnx.Param, ...)
         return self._sampler(
             params, model_rngs, [p for p in prompts for _ in range(num_samples)], seed=seed,
@@ -331,7 +355,5 @@ class Pipeline:
             steps=defaults.steps if steps is None else steps,
             eta=defaults.eta if eta is None else eta,
             cfg_scale=defaults.cfg_scale if cfg_scale is None else cfg_scale,
-            num_frames=data.num_frames if num_frames is None else num_frames,
-            size=data.size if size is None else size,
-            batch_size=batch_size, progress=progress,
+            num_frames=num_frames, height=height, width=width, batch_size=batch_size, progress=progress,
         )

@@ -253,7 +253,7 @@ class _Samples:
         videos = self.sampler(  # one program for the shown and the judged prompts
             state.ema, state.model_rngs, self.shown + self.judged, seed=self.config.train.seed, sampler=s.sampler,
             steps=s.steps, eta=s.eta, cfg_scale=s.cfg_scale, num_frames=self.config.data.num_frames,
-            size=self.config.data.size,
+            height=self.config.data.size, width=self.config.data.size,
         )  # (P * S + J, T, H, W, 3) uint8, on every process
         if not self.enabled:
             return

@@ -258,8 +258,9 @@ def test_sampling_takes_the_frame_counts_of_a_causal_codec(tmp_path):
     codec = random_codec(tmp_path / "codec", step=1, channels=(8, 8), temporal_downsample=1, latent_channels=4)
     config = Config(model=ModelConfig(variant="tiny/1x2x2", in_channels=4, text_dim=32))
     sampler = VideoSampler(config, None, codec, make_mesh(devices=jax.devices()[:1]), None)
-    assert sampler.latent_shape(9, 16) == (5, 8, 8, 4)
+    assert sampler.latent_shape(9, 16, 16) == (5, 8, 8, 4)
+    assert sampler.latent_shape(1, 16, 32) == (1, 8, 16, 4)  # an image: one latent frame
     with pytest.raises(ValueError, match=r"8 frames do not fit .* use 1 \+ 2k frames"):
-        sampler.latent_shape(8, 16)
-    with pytest.raises(ValueError, match="cannot make videos of 18 size: size must be a positive multiple of 4"):
-        sampler.latent_shape(9, 18)  # 9x9 latents: the 2x2 patch does not fit
+        sampler.latent_shape(8, 16, 16)
+    with pytest.raises(ValueError, match="cannot make videos of 18 width: width must be a positive multiple of 4"):
+        sampler.latent_shape(9, 16, 18)  # 8x9 latents: the 2x2 patch does not fit

@@ -3,6 +3,7 @@
 import pathlib
 import subprocess
 import sys
+import warnings
 
 import jax
 import numpy as np
@@ -71,6 +72,21 @@ def test_same_seed_same_pixels_across_runs_batch_sizes_and_device_counts(run, pi
     assert not np.array_equal(reference, pipe.generate(PROMPTS, num_samples=3, steps=STEPS, seed=12))
 
 
+def test_any_height_width_and_duration_with_a_warning_off_the_trained_size(pipe):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the trained size (2x16x16): no warning
+        trained = pipe.generate(PROMPTS, steps=STEPS, seed=5)
+    with pytest.warns(UserWarning, match=r"1x16x32 \(frames x height x width\) is not a size this run trained on \(2x16x16\)"):
+        image = pipe.generate(PROMPTS, steps=STEPS, seed=5, num_frames=1, height=16, width=32)
+    with pytest.warns(UserWarning, match="4x32x16"):
+        tall = pipe.generate(PROMPTS, steps=STEPS, seed=5, num_frames=4, height=32, width=16)
+    assert trained.shape == (2, 2, 16, 16, 3)
+    assert image.shape == (2, 1, 16, 32, 3) and tall.shape == (2, 4, 32, 16, 3)
+    assert image.dtype == tall.dtype == np.uint8 and image.std() > 0 and tall.std() > 0
+    with pytest.warns(UserWarning):  # the same shape as height / width or as a square size
+        np.testing.assert_array_equal(tall, pipe.generate(PROMPTS, steps=STEPS, seed=5, num_frames=4, height=32, width=16))
+
+
 def test_guidance_scale_one_runs_one_pass_per_step(pipe, monkeypatch):
     guided = pipe.generate(PROMPTS, steps=STEPS, cfg_scale=3.0)
     monkeypatch.setattr(sampling, "guide", lambda *args: pytest.fail("g = 1 must not run the guided pair"))
@@ -93,7 +109,9 @@ def test_ddim_with_eta_one_is_ddpm_and_eta_zero_is_not(pipe):
         ({"sampler": "rk4"}, "unknown sampler 'rk4'"),
         ({"sampler": "heun"}, "sampler 'heun' does not sample a ddpm run"),
         ({"steps": 0}, "between 1 and the 1000 training steps"),
-        ({"size": 18}, "cannot make videos of 18 size: size must be a positive multiple of 4"),
+        ({"size": 18}, "cannot make videos of 18 height: height must be a positive multiple of 4"),
+        ({"width": 18}, "cannot make videos of 18 width: width must be a positive multiple of 4"),
+        ({"size": 16, "height": 16}, r"give size \(a square\) or height and width, not both"),
         ({"num_frames": 0}, "cannot make videos of 0 frames"),
         ({"num_samples": 0}, "num_samples >= 1"),
     ],
@@ -140,7 +158,8 @@ def test_sample_py_writes_npy_png_and_reads_a_prompts_file(run, tmp_path, capsys
         (["--prompt", "x", "--out", "{tmp}/a.avi"], "must end in one of .mp4, .gif, .png, .npy"),
         (["--out", "{tmp}/a.npy"], "give at least one --prompt"),
         (["--prompt", "x", "--out", "{tmp}/a.npy", "--sampler", "euler"], "sampler 'euler' does not sample a ddpm run"),
-        (["--prompt", "x", "--out", "{tmp}/a.npy", "--size", "10"], "cannot make videos of 10 size"),
+        (["--prompt", "x", "--out", "{tmp}/a.npy", "--size", "10"], "cannot make videos of 10 height"),
+        (["--prompt", "x", "--out", "{tmp}/a.npy", "--size", "16", "--width", "32"], "give --size (a square) or --height"),
         (["--prompts-file", "{tmp}/missing.txt", "--out", "{tmp}/a.npy"], "cannot read --prompts-file"),
     ],
 )
@@ -153,6 +172,15 @@ def test_sample_py_rejects_bad_requests_clearly(run, tmp_path, capsys, args, mes
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not list(tmp_path.glob("a.*"))
+
+
+def test_sample_py_writes_an_image_of_any_height_and_width(run, tmp_path, capsys):
+    out = tmp_path / "still.npy"
+    args = ["--workdir", str(run), "--prompt", PROMPTS[0], "--steps", str(STEPS), "--num-frames", "1"]
+    with pytest.warns(UserWarning, match="not a size this run trained on"):
+        assert sample_script.main([*args, "--height", "16", "--width", "32", "--out", str(out)]) == 0
+    assert np.load(out).shape == (1, 1, 16, 32, 3)
+    assert "wrote 1 videos (1, 16, 32)" in capsys.readouterr().out
 
 
 def test_sample_py_end_to_end_writes_an_mp4_with_every_frame(run, tmp_path):
