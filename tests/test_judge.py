@@ -6,7 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from jaxdit.data.judge import CaptionObject, Verdict, judge, parse_caption, summary
+from jaxdit.data.judge import CaptionObject, Verdict, judge, judge_all, one_object_prompts, parse_caption, summary
+from jaxdit.data.judge import rates as judge_rates
 from jaxdit.data.shapes import COLOURS, SHAPES, MovingObject, ShapesDataset, caption_of, render
 
 CHECKS = ("colour", "direction", "shape", "size")
@@ -53,6 +54,32 @@ def blur(video: np.ndarray) -> np.ndarray:
     return out
 
 
+@pytest.mark.parametrize("shape", [(8, 32, 64), (8, 64, 32), (1, 32, 32), (1, 48, 32)])
+def test_ground_truth_passes_at_any_frame_size_and_for_stills(shape):
+    ds = ShapesDataset(seed=31)
+    clips = [ds.clip(i, shape) for i in range(60)]
+    verdicts = judge_all([c["video"] for c in clips], [c["caption"] for c in clips])
+    fractions = judge_rates(verdicts)
+    assert fractions["all"] >= GROUND_TRUTH and fractions["judged"] == 1.0
+    if shape[0] == 1:  # a still's caption gives no direction: none is judged
+        assert all(v.direction_ok is None for v in verdicts) and math.isnan(fractions["direction"])
+        wrong = judge(clips[0]["video"], recaption(clips[0]["caption"], shape=SHAPES[0]
+                                                   if "circle" not in clips[0]["caption"] else SHAPES[1]))
+        assert not wrong[0].ok
+        with pytest.raises(ValueError, match="at least 2 frames"):
+            judge(clips[0]["video"], clips[0]["caption"] + " moving left")
+    else:
+        assert fractions["direction"] >= GROUND_TRUTH
+
+
+def test_still_prompts_have_no_motion_clause():
+    stills = one_object_prompts(48, still=True)
+    assert len(set(stills)) == 48 and not any("moving" in p for p in stills)
+    assert all(parse_caption(p)[0].direction is None for p in stills)
+    with pytest.raises(ValueError, match="count must be in 1..48"):
+        one_object_prompts(49, still=True)
+
+
 def test_parse_caption():
     assert parse_caption("a large red circle moving left") == [CaptionObject("large", "red", "circle", "left")]
     ds = ShapesDataset(num_frames=2, size=32, seed=1, max_objects=3)
@@ -64,7 +91,7 @@ def test_parse_caption():
 
 
 @pytest.mark.parametrize("caption", [
-    "", "a large red circle", "a large red circle moving", "a huge red circle moving left",
+    "", "a large red circle moving", "a large red circle still", "a huge red circle moving left",
     "a large purple circle moving left", "a large red hexagon moving left", "a large red circle moving sideways",
     "A large red circle moving left", "a large red circle moving left ", "a  large red circle moving left",
     "a large red circle moving left and", "a large red circle moving left, a small blue square moving up",
@@ -131,7 +158,7 @@ def test_uncaptioned_colour_that_dominates_fails_colour():
     # A large green square and a small red circle: the caption's red is there and moves, but green dominates.
     objects = [MovingObject("large", "green", "square", "up", (4.0, 20.0), (4.0, 8.0)),
                MovingObject("small", "red", "circle", "right", (2.0, 2.0), (24.0, 2.0))]
-    video = render(objects, num_frames=8, size=32)
+    video = render(objects, 8, 32, 32)
     (alone,) = judge(video, "a small red circle moving right")
     assert not alone.colour_ok and alone.direction_ok and alone.shape_ok and alone.size_ok
     both = judge(video, caption_of(objects))
@@ -176,9 +203,10 @@ def test_objects_sharing_a_colour_are_not_judged():
 
 def test_bad_inputs_raise():
     caption = "a large red circle moving left"
-    for video in [np.zeros((4, 32, 32, 3)), np.zeros((32, 32, 3), np.uint8), np.zeros((1, 32, 32, 3), np.uint8),
-                  np.zeros((4, 32, 32, 4), np.uint8)]:
+    for video in [np.zeros((4, 32, 32, 3)), np.zeros((32, 32, 3), np.uint8), np.zeros((4, 32, 32, 4), np.uint8)]:
         with pytest.raises(ValueError, match="uint8"):
             judge(video, caption)
+    with pytest.raises(ValueError, match="motion needs a video of at least 2 frames"):
+        judge(np.zeros((1, 32, 32, 3), np.uint8), caption)
     with pytest.raises(ValueError, match="one caption per video"):
         summary([np.zeros((4, 32, 32, 3), np.uint8)], [caption, caption])

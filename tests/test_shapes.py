@@ -18,6 +18,7 @@ DESIGN_COLOURS = {
     "cyan": (0, 255, 255), "magenta": (255, 0, 255), "white": (255, 255, 255), "orange": (255, 128, 0),
 }
 CAPTION = re.compile(rf"{_OBJECT}(?: and {_OBJECT})*")
+STILL = re.compile(r"a (small|large) (red|green|blue|yellow|cyan|magenta|white|orange) (circle|square|triangle)")
 FILL = {"square": 1.0, "circle": np.pi / 4, "triangle": 0.5}  # area of the shape / area of its box
 PURE = {rgb: name for name, rgb in COLOURS.items()}
 STEP = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy): image rows grow downwards
@@ -114,6 +115,35 @@ def test_single_object_captions_match_pixels(single_clips):
     assert 1.5 * max(extents["small"]) < min(extents["large"])  # the two size classes are far apart
 
 
+@pytest.mark.parametrize("shape", [(8, 32, 64), (6, 64, 32), (1, 32, 48)])
+def test_any_frame_size_and_stills_match_their_captions(shape):
+    frames, height, width = shape
+    ds = ShapesDataset(seed=9)
+    for i in range(60):
+        item = ds.clip(i, shape)
+        video, where = item["video"], f"clip {i} as {shape}, {item['caption']!r}"
+        assert video.shape == (*shape, 3) and video.dtype == np.uint8
+        if frames == 1:  # a still: no motion clause
+            size_name, colour, shape_name = STILL.fullmatch(item["caption"]).groups()
+        else:
+            ((size_name, colour, shape_name, direction),) = parse(item["caption"])
+        m = measure(video)
+        assert pure_colours(video) == {colour}, where
+        side = SIZES[size_name] * min(height, width)  # sizes are fractions of the short side
+        np.testing.assert_allclose(m["area"], FILL[shape_name] * side**2, rtol=0.1, err_msg=where)  # never clipped
+        assert classify(m) == shape_name, where
+        if frames > 1:  # at least a third of the frame's extent along the motion, linearly
+            (ux, uy), (along, across) = STEP[direction], (m["cx"], m["cy"])
+            extent = width if ux else height
+            if ux == 0:
+                along, across = m["cy"], m["cx"]
+            assert (along[-1] - along[0]) * (ux + uy) >= extent / 3 - 1, where
+            assert np.abs(across - across[0]).max() < 0.5, where
+    assert ds[3]["caption"] == ds.clip(3, (16, 32, 32))["caption"]  # ds[i] is clip i at the data set's shape
+    np.testing.assert_array_equal(ShapesDataset(num_frames=2, height=16, width=32, seed=9)[4]["video"],
+                                  ds.clip(4, (2, 16, 32))["video"])
+
+
 def test_several_objects():
     ds = ShapesDataset(num_frames=8, size=32, seed=5, max_objects=3)
     counts, total, checked = set(), 0, 0
@@ -177,7 +207,8 @@ def test_shapes_and_dtype(num_frames, size):
 
 @pytest.mark.parametrize(
     "kwargs, name",
-    [({"num_frames": 1}, "num_frames"), ({"num_frames": 2.5}, "num_frames"), ({"size": 15}, "size"),
+    [({"num_frames": 0}, "num_frames"), ({"num_frames": 2.5}, "num_frames"), ({"size": 15}, "size"),
+     ({"height": 15}, "height"), ({"width": 8}, "width"),
      ({"seed": -1}, "seed"), ({"max_objects": 0}, "max_objects"), ({"max_objects": 9}, "max_objects"),
      ({"length": 0}, "length")],
 )

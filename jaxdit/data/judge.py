@@ -1,5 +1,6 @@
 """Checks a clip against its moving-shapes caption: is each object the captioned colour, shape and
-size, and does it move the captioned way?
+size, and does it move the captioned way? Frames may be of any height and width; a still (one frame,
+its caption with no motion clause) is judged on colour, shape and size.
 
 Meant for generated clips, which are noisy, blurry, dim and sometimes fragmented, so every
 measurement is soft. A bright pixel's colour is the palette colour nearest its chromaticity (RGB
@@ -9,10 +10,12 @@ colour's own interior, one-pixel holes closed (every shape is convex). Then, per
 - colour: present (mass of at least half the smallest object) on at least half the frames, and
   more pixel mass over the clip than any colour the caption does not name;
 - direction: the least-squares slope of its centroid over the present frames, times the clip's
-  length, goes the captioned way by at least half the guaranteed travel, and further than across;
+  length, goes the captioned way by at least half the guaranteed travel (a fraction of the frame's
+  extent along it), and further than across; None when the caption gives no direction;
 - shape: an apex-up triangle keeps its mass low (negative vertical skew); a square fills the box
   of its widest row and tallest column, a circle pi/4 of it (row and column sums survive blur);
-- size: the side sqrt(widest row x tallest column) against the geometric mean of the two classes.
+- size: the side sqrt(widest row x tallest column), as a fraction of the frame's short side, against
+  the geometric mean of the two classes.
 Objects whose colour the caption names twice are not judged (their checks are None). Image
 coordinates: x is the column (left = decreasing x), y is the row (up = decreasing y).
 
@@ -46,8 +49,8 @@ SMALLEST_AREA = 0.5 * min(SIZES.values()) ** 2  # a small triangle's area / fram
 _PALETTE = np.array(list(COLOURS.values()), np.float32) / 255  # (8, 3): a channel at 1 each: chromaticities
 _CHECKS = ("colour", "direction", "shape", "size")
 ADHERENCE_RATES = ("colour", "direction", "shape", "size", "all")  # the pass rates `summary` reports
-_OBJECT = (f"a ({'|'.join(SIZES)}) ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)}) "
-           f"moving ({'|'.join(DIRECTIONS)})")
+_OBJECT = (f"a ({'|'.join(SIZES)}) ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})"
+           f"(?: moving ({'|'.join(DIRECTIONS)}))?")
 _CAPTION = re.compile(f"{_OBJECT}(?: and {_OBJECT})*")
 
 
@@ -58,11 +61,11 @@ class CaptionObject:
     size: str
     colour: str
     shape: str
-    direction: str
+    direction: str | None  # None: a still
 
 
 def parse_caption(caption: str) -> list[CaptionObject]:
-    """The objects of a caption `a {size} {colour} {shape} moving {direction}[ and ...]`, or a ValueError."""
+    """The objects of a caption `a {size} {colour} {shape}[ moving {direction}][ and ...]`, or a ValueError."""
     if not isinstance(caption, str) or not _CAPTION.fullmatch(caption):
         raise ValueError(f"Not a moving-shapes caption (DESIGN.md, 'Moving-shapes captions'): {caption!r}.")
     return [CaptionObject(*match.groups()) for match in re.finditer(_OBJECT, caption)]
@@ -72,8 +75,9 @@ def parse_caption(caption: str) -> list[CaptionObject]:
 class Verdict:
     """How one captioned object fares in a clip: four checks (None: not judgeable) and what was measured.
 
-    Lengths are fractions of the frame side. `displacement` is (along, across) the captioned
-    direction over the whole clip, along positive when it goes the captioned way.
+    Sizes are fractions of the frame's short side; `displacement` is (along, across) the captioned
+    direction over the whole clip, as fractions of the frame's extent on each axis, along positive when
+    it goes the captioned way. `direction_ok` is None for a still.
     """
 
     expected: CaptionObject
@@ -95,8 +99,11 @@ class Verdict:
 
     @property
     def ok(self) -> bool:
-        """Every check passed (False when not judged)."""
-        return all(getattr(self, f"{check}_ok") is True for check in _CHECKS)
+        """Every check passed (False when not judged); a still's direction is not a check."""
+        return self.judged and all(
+            getattr(self, f"{check}_ok") is True for check in _CHECKS
+            if not (check == "direction" and self.expected.direction is None)
+        )
 
 
 def _classify_pixels(video: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -162,20 +169,23 @@ def _slope(t: np.ndarray, values: np.ndarray) -> float:
 def _judge_object(expected: CaptionObject, mass: np.ndarray, dominant: bool) -> Verdict:
     """The verdict on one object from its colour's mass (T, H, W), and whether no uncaptioned colour outweighs it."""
     num_frames, height, width = mass.shape
-    side_px = math.sqrt(height * width)
+    short_side = min(height, width)  # object sizes are fractions of it
     m = _frame_measures(mass)
-    present = m["area"] >= PRESENT * SMALLEST_AREA * height * width  # (T,)
+    present = m["area"] >= PRESENT * SMALLEST_AREA * short_side**2  # (T,)
     presence = float(present.mean())
     colour_ok = presence >= MOST_FRAMES and dominant
 
     t = np.flatnonzero(present).astype(float)
-    if len(t) < 2:  # nothing to measure: no motion, no shape, no size
-        return Verdict(expected, colour_ok, False, False, False, presence)
-    dx, dy = DIRECTIONS[expected.direction]
-    clip = num_frames - 1  # the slope is per frame; the displacement covers the whole clip
-    move_x, move_y = _slope(t, m["cx"][present]) * clip / width, _slope(t, m["cy"][present]) * clip / height
-    along, across = dx * move_x + dy * move_y, abs(dy * move_x) + abs(dx * move_y)
-    direction_ok = along >= MIN_DISPLACEMENT * MIN_TRAVEL and along > across
+    still = expected.direction is None
+    if len(t) < (1 if still else 2):  # nothing to measure: no motion, no shape, no size
+        return Verdict(expected, colour_ok, None if still else False, False, False, presence)
+    direction_ok, along, across = None, math.nan, math.nan
+    if not still:
+        dx, dy = DIRECTIONS[expected.direction]
+        clip = num_frames - 1  # the slope is per frame; the displacement covers the whole clip
+        move_x, move_y = _slope(t, m["cx"][present]) * clip / width, _slope(t, m["cy"][present]) * clip / height
+        along, across = dx * move_x + dy * move_y, abs(dy * move_x) + abs(dx * move_y)
+        direction_ok = along >= MIN_DISPLACEMENT * MIN_TRAVEL and along > across
 
     skew = float(np.median(m["skew"][present]))
     fill = float(np.median((m["area"] / np.maximum(m["width"] * m["height"], 1e-6))[present]))
@@ -183,7 +193,7 @@ def _judge_object(expected: CaptionObject, mass: np.ndarray, dominant: bool) -> 
         shape = "triangle"
     else:
         shape = "square" if fill > SQUARE_FILL else "circle"
-    side = float(np.median(np.sqrt(m["width"] * m["height"])[present])) / side_px
+    side = float(np.median(np.sqrt(m["width"] * m["height"])[present])) / short_side
     size = "large" if side > LARGE_SIDE else "small"
     return Verdict(expected, colour_ok, direction_ok, shape == expected.shape, size == expected.size, presence,
                    (along, across), skew, fill, side, shape, size)
@@ -192,9 +202,11 @@ def _judge_object(expected: CaptionObject, mass: np.ndarray, dominant: bool) -> 
 def judge(video: np.ndarray, caption: str) -> list[Verdict]:
     """One Verdict per object of the caption, in its order, for a uint8 (T, H, W, 3) clip on black."""
     video = np.asarray(video)
-    if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3 or video.shape[0] < 2:
-        raise ValueError(f"judge needs a uint8 (T, H, W, 3) video with T >= 2; got {video.dtype} {video.shape}.")
+    if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3:
+        raise ValueError(f"judge needs a uint8 (T, H, W, 3) video; got {video.dtype} {video.shape}.")
     objects = parse_caption(caption)
+    if video.shape[0] < 2 and any(o.direction for o in objects):
+        raise ValueError(f"judging motion needs a video of at least 2 frames; got {video.shape[0]} for {caption!r}.")
     named = [o.colour for o in objects]
     labels, brightness = _classify_pixels(video)  # (T, H, W) each
     totals = np.bincount(labels[labels >= 0], brightness[labels >= 0], minlength=len(COLOURS))  # (8,)
@@ -227,19 +239,23 @@ def rates(verdicts) -> dict[str, float]:
     """`summary`'s fractions from verdicts already made (`judge`'s, of every object of every video)."""
     verdicts = list(verdicts)
     judged = [v for v in verdicts if v.judged]
-    fractions = {check: float(np.mean([getattr(v, f"{check}_ok") for v in judged])) if judged else math.nan
-                 for check in _CHECKS}
+    fractions = {}
+    for check in _CHECKS:  # over the objects the check applies to (a still has no direction)
+        results = [getattr(v, f"{check}_ok") for v in judged if getattr(v, f"{check}_ok") is not None]
+        fractions[check] = float(np.mean(results)) if results else math.nan
     fractions["all"] = float(np.mean([v.ok for v in judged])) if judged else math.nan
     fractions["judged"] = len(judged) / len(verdicts) if verdicts else math.nan
     return fractions
 
 
-def one_object_prompts(count: int, seed: int = 0) -> list[str]:
+def one_object_prompts(count: int, seed: int = 0, *, still: bool = False) -> list[str]:
     """`count` distinct one-object captions of the full grammar (2 sizes x 8 colours x 3 shapes x 4
-    directions = 192), in a fixed random order: the same prompts for the same (count, seed)."""
+    directions = 192; `still`: no motion clause, 48), in a fixed random order: the same prompts for the
+    same (count, seed)."""
+    motions = [""] if still else [f" moving {direction}" for direction in DIRECTIONS]
     grammar = [
-        f"a {size} {colour} {shape} moving {direction}"
-        for size, colour, shape, direction in itertools.product(SIZES, COLOURS, SHAPES, DIRECTIONS)
+        f"a {size} {colour} {shape}{motion}"
+        for size, colour, shape, motion in itertools.product(SIZES, COLOURS, SHAPES, motions)
     ]
     if not 1 <= count <= len(grammar):
         raise ValueError(f"one_object_prompts: count must be in 1..{len(grammar)}, got {count}.")
