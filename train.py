@@ -45,7 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         metrics = train(config, workdir)
     except ConfigError as error:  # found once the devices and the workdir are known
         parser.error(str(error))
-    if metrics:
+    if config.train.compile_only:
+        print(f"compiled the train step for each of the {len(config.data.shapes)} clip shape(s) (the log gives time and "
+              "memory); nothing trained")
+    elif metrics:
         samples = f"; sample videos in {workdir / 'samples'}" if config.sample.prompts else ""
         print(f"step {metrics['step']} of {config.train.steps}, loss {metrics['loss']:.4f}; run in {workdir}{samples}")
     return 0

@@ -10,6 +10,8 @@ reads one, and `apply_overrides` applies `--section.field VALUE` flags.
 import dataclasses
 import importlib.util
 import pathlib
+import re
+import typing
 
 from jaxdit.model_config import VARIANTS, ModelConfig, parse_variant
 from jaxdit.options import (
@@ -68,8 +70,21 @@ class DataConfig:
     shuffle: bool = True
     num_workers: int = 0  # decoding processes; 0 decodes in the training process
     prefetch: int = 2  # batches read ahead
+    # Clips of several shapes in one run (jaxdit.data.buckets): (frames, height, width) buckets, on the
+    # command line "8x32x64;8x64x32;1x32x32"; one shape per global step. Empty: the one shape
+    # (num_frames, size, size). Images are one-frame buckets.
+    buckets: tuple[tuple[int, int, int], ...] = ()
+    # Each bucket's global batch: bucket_batches (one per bucket), or the token budget bucket_tokens
+    # (batch = budget / the bucket's video tokens, rounded down to a multiple of the data-parallel
+    # devices), or train.batch_size for every bucket.
+    bucket_batches: tuple[int, ...] = ()
+    bucket_tokens: int = 0
+    bucket_keep: tuple[float, ...] = ()  # per bucket: the probability that a clip of it is used in an epoch
 
     def __post_init__(self):
+        object.__setattr__(self, "buckets", tuple(_bucket_shape(b) for b in self.buckets))
+        object.__setattr__(self, "bucket_batches", tuple(int(b) for b in self.bucket_batches))
+        object.__setattr__(self, "bucket_keep", tuple(float(k) for k in self.bucket_keep))
         check_choice("data.source", self.source, DATA_SOURCES)
         if self.source == "folder" and not self.manifest:
             raise ValueError("data.source='folder' needs data.manifest: a CSV or JSONL with path and text columns.")
@@ -78,15 +93,44 @@ class DataConfig:
                 "data.source='cache' needs data.cache: a directory written by `python -m jaxdit.data.latent_cache`."
             )
         check_minimums("data", self, num_frames=1, size=1, max_objects=1, frame_stride=1, num_workers=0, prefetch=0)
+        self._check_buckets()
         if self.fps < 0:
             raise ValueError(f"data.fps must be >= 0 (0: use data.frame_stride), got {self.fps}.")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"data.caption_dropout must be in [0, 1), got {self.caption_dropout}.")
 
+    def _check_buckets(self) -> None:
+        count = len(self.shapes)
+        if len(set(self.shapes)) != count:
+            raise ValueError(f"data.buckets lists a shape twice: {self.buckets}.")
+        if any(min(shape) < 1 for shape in self.shapes):
+            raise ValueError(f"data.buckets: every frames, height and width must be at least 1; got {self.buckets}.")
+        for name, values in (("bucket_batches", self.bucket_batches), ("bucket_keep", self.bucket_keep)):
+            if values and len(values) != count:
+                raise ValueError(f"data.{name} needs one value per bucket ({count}); got {len(values)}: {values}.")
+        if self.bucket_batches and self.bucket_tokens:
+            raise ValueError("set data.bucket_batches or data.bucket_tokens, not both.")
+        if any(b < 1 for b in self.bucket_batches) or self.bucket_tokens < 0:
+            raise ValueError("data.bucket_batches must be positive and data.bucket_tokens >= 0.")
+        if any(not 0 < k <= 1 for k in self.bucket_keep):
+            raise ValueError(f"data.bucket_keep: every keep probability must be in (0, 1]; got {self.bucket_keep}.")
+
     @property
     def shapes(self) -> tuple[tuple[int, int, int], ...]:
-        """The (frames, height, width) of the videos this data trains on."""
-        return ((self.num_frames, self.size, self.size),)
+        """The (frames, height, width) of the videos this data trains on: the buckets, or the one shape."""
+        return self.buckets or ((self.num_frames, self.size, self.size),)
+
+
+def _bucket_shape(bucket) -> tuple[int, int, int]:
+    """'8x32x64' or (8, 32, 64) (a list after a JSON round trip) -> (8, 32, 64)."""
+    parts = bucket.lower().split("x") if isinstance(bucket, str) else list(bucket)
+    try:
+        shape = tuple(int(part) for part in parts)
+    except (TypeError, ValueError):
+        shape = ()
+    if len(shape) != 3:
+        raise ValueError(f"a data.buckets entry is frames x height x width, e.g. 8x32x64; got {bucket!r}.")
+    return shape
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,6 +265,8 @@ class TrainConfig:
     checkpoint_every: int = 1000  # steps; a checkpoint is also written at the end
     keep_checkpoints: int = 3
     log_every: int = 50  # steps between metrics.jsonl / TensorBoard records
+    # Compile the train step for every bucket, report compile time and memory, and stop there.
+    compile_only: bool = False
 
     def __post_init__(self):
         check_minimums(
@@ -330,15 +376,18 @@ def _section(section_type, name: str, values: dict):
     return section_type(**values)
 
 
-def _parse_value(flag: str, text: str, current):
-    """A command-line string as the type of the field's current value."""
-    if isinstance(current, tuple) and current and all(isinstance(v, int) for v in current):  # widths: "32,64"
-        try:
-            return tuple(int(part) for part in text.split(",") if part.strip())
-        except ValueError:
-            raise ValueError(f"{flag} takes comma-separated integers, e.g. 32,64,128; got {text!r}.") from None
-    if isinstance(current, tuple):  # prompts: separated by ";"
-        return tuple(part.strip() for part in text.split(";") if part.strip())
+def _parse_value(flag: str, text: str, current, annotation):
+    """A command-line string as the field's declared type (`annotation`; that of its current value for the rest)."""
+    if typing.get_origin(annotation) is tuple:
+        item = typing.get_args(annotation)[0]
+        if item in (int, float):  # widths "32,64,128", batches "16,8", keep probabilities "1,0.5"
+            try:
+                return tuple(item(part) for part in text.split(",") if part.strip())
+            except ValueError:
+                raise ValueError(f"{flag} takes comma-separated {item.__name__}s, e.g. 32,64; got {text!r}.") from None
+        # prompts "a ...; a ..." (they may hold commas); buckets "8x32x64;1x32x32" or "8x32x64,1x32x32"
+        separators = ";" if item is str else "[;,]"
+        return tuple(part.strip() for part in re.split(separators, text) if part.strip())
     if isinstance(current, bool):
         if text.lower() not in ("true", "false", "1", "0"):
             raise ValueError(f"{flag} takes true or false, got {text!r}.")
@@ -378,7 +427,8 @@ def apply_overrides(config: Config, args: list[str]) -> Config:
             raise ValueError(
                 f"unknown config field {flag!r}; fields of {section}: {', '.join(sorted(values[section]))}."
             )
-        values[section][field] = _parse_value(flag, text, values[section][field])
+        annotation = {f.name: f.type for f in dataclasses.fields(Config.__dataclass_fields__[section].type)}[field]
+        values[section][field] = _parse_value(flag, text, values[section][field], annotation)
     return Config.from_dict(values)
 
 

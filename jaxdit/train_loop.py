@@ -4,6 +4,12 @@
 checkpoint in `workdir/checkpoints` (state, EMA, optimizer, data position), so a run that is
 killed at any moment loses at most the steps since its last checkpoint, and 2N steps in one go
 give bit for bit the same result as N steps, a restart, and N more.
+
+Before the first step it reports the data's buckets (clips and batches per shape,
+`jaxdit.data.buckets`) and compiles the train step once for each, ahead of time, logging the compile
+time and XLA's memory estimate of each (`train.compile_only` stops there). The compiled programs are
+kept in JAX's persistent compilation cache (the run's `compile_cache/`, unless JAX_COMPILATION_CACHE_DIR
+names another), so a resumed run does not compile them again.
 """
 
 import dataclasses
@@ -24,11 +30,13 @@ from jaxdit import frozen_text
 from jaxdit.checkpoint import IMPORT_RECORD, Checkpointer
 from jaxdit.codec import frozen_codec_state, make_codec
 from jaxdit.config import Config, ConfigError
+from jaxdit.data.buckets import Bucket, make_buckets
 from jaxdit.data.judge import ADHERENCE_RATES, one_object_prompts, summary
-from jaxdit.data.pipeline import make_dataset
+from jaxdit.data.pipeline import PlannedBatches, make_dataset, plan_batches
+from jaxdit.flops import num_tokens
 from jaxdit.metrics import MetricsWriter
 from jaxdit.pipeline import VideoSampler
-from jaxdit.sharding import data_parallel_size, global_batch, make_mesh
+from jaxdit.sharding import batch_sharding, data_parallel_size, global_batch, make_mesh
 from jaxdit.train_step import (
     abstract_train_state,
     create_train_state,
@@ -55,14 +63,43 @@ def _comparable(name: str, section):
     return {k: v for k, v in section.items() if k not in free} if isinstance(section, dict) else section
 
 
-def check_config(config: Config, mesh: jax.sharding.Mesh, codec) -> None:
+def latent_shape(config: Config, codec, shape: tuple[int, int, int]) -> tuple[int, int, int, int]:
+    """The latents (t, h, w, c) the step sees for clips of `shape` (frames, height, width), or a ConfigError."""
+    if config.data.source == "cache":
+        from jaxdit.data.cache_format import LatentCache
+
+        return tuple(LatentCache(config.data.cache).latent_shape)  # (t, h, w, c)
+    try:
+        return tuple(codec.latent_shape((*shape, 3)))
+    except ValueError as error:
+        raise ConfigError(
+            f"clips of {'x'.join(map(str, shape))} (frames x height x width; data.buckets, or data.num_frames and "
+            f"data.size) do not fit the {config.codec.kind} codec: {error}"
+        ) from None
+
+
+def run_buckets(config: Config, mesh: jax.sharding.Mesh, codec) -> list[Bucket]:
+    """The run's buckets with their global batches (`make_buckets`: the token budget counts the video tokens)."""
+    model = config.model
+    tokens = None if config.task == "codec" else lambda shape: num_tokens(model, latent_shape(config, codec, shape))
+    try:
+        return make_buckets(config.data, batch_size=config.train.batch_size, devices=data_parallel_size(mesh),
+                            tokens=tokens)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def check_config(config: Config, mesh: jax.sharding.Mesh, codec, buckets: list[Bucket] | None = None) -> None:
     """Errors a user can act on, before anything is compiled."""
     devices, processes = data_parallel_size(mesh), jax.process_count()
-    if config.train.batch_size % devices or config.train.batch_size % processes:
-        raise ConfigError(
-            f"train.batch_size={config.train.batch_size} must be divisible by the {devices} devices "
-            f"(and {processes} processes) it is split over; use a multiple of {devices}."
-        )
+    for bucket in buckets or run_buckets(config, mesh, codec):
+        if bucket.batch % devices or bucket.batch % processes:
+            where = (f"bucket {bucket.name}'s global batch {bucket.batch} (data.bucket_batches, data.bucket_tokens or "
+                     "train.batch_size)" if config.data.buckets else f"train.batch_size={bucket.batch}")
+            raise ConfigError(
+                f"{where} must be divisible by the {devices} devices (and {processes} processes) it is split over; "
+                f"use a multiple of {devices}."
+            )
     context = mesh.shape["context"]
     if jax.local_device_count() % context:  # each process reads its own examples: a clip's devices must share them
         raise ConfigError(
@@ -72,27 +109,27 @@ def check_config(config: Config, mesh: jax.sharding.Mesh, codec) -> None:
     if config.task == "codec":
         if config.data.source == "cache":
             raise ConfigError("a codec trains on videos, not on a latent cache: set data.source to shapes or folder.")
-        shape = (config.data.num_frames, config.data.size, config.data.size, 3)
-        try:
-            nnx.eval_shape(lambda: make_model(config, rngs=nnx.Rngs(0))).latent_shape(shape)
-        except ValueError as error:
-            raise ConfigError(f"data.num_frames / data.size: {error}") from None
+        autoencoder = nnx.eval_shape(lambda: make_model(config, rngs=nnx.Rngs(0)))
+        for shape in config.data.shapes:
+            try:
+                autoencoder.latent_shape((*shape, 3))
+            except ValueError as error:
+                raise ConfigError(f"data.num_frames / data.size (or data.buckets): {error}") from None
         return
-    if config.data.source == "cache":
-        from jaxdit.data.cache_format import LatentCache
-
-        latents = LatentCache(config.data.cache).latent_shape  # (t, h, w, c)
-    else:
-        try:
-            latents = codec.latent_shape((config.data.num_frames, config.data.size, config.data.size, 3))
-        except ValueError as error:
-            raise ConfigError(f"data.num_frames / data.size do not fit the {config.codec.kind} codec: {error}") from None
-    for name, length, patch in zip(("frames", "height", "width"), latents[:3], config.model.patch, strict=True):
-        if length % patch:
-            raise ConfigError(
-                f"the codec makes latents of {length} {name}, which model.variant's patch {config.model.patch} "
-                f"does not divide: change data.num_frames / data.size or the patch."
-            )
+    if config.data.source == "cache" and config.data.buckets:
+        raise ConfigError(
+            "a latent cache holds clips of one shape: train on it without data.buckets, or on the videos "
+            "(data.source='shapes' or 'folder') with buckets."
+        )
+    for shape in config.data.shapes:
+        latents = latent_shape(config, codec, shape)
+        for name, length, patch in zip(("frames", "height", "width"), latents[:3], config.model.patch, strict=True):
+            if length % patch:
+                raise ConfigError(
+                    f"the codec makes latents of {length} {name} for clips of {'x'.join(map(str, shape))}, which "
+                    f"model.variant's patch {config.model.patch} does not divide: change data.num_frames / "
+                    "data.size (or data.buckets) or the patch."
+                )
     if codec.channels != config.model.in_channels:
         raise ConfigError(
             f"model.in_channels={config.model.in_channels} but the {config.codec.kind!r} codec makes "
@@ -116,18 +153,34 @@ def train(config: Config, workdir: str | pathlib.Path) -> dict:
         config = dataclasses.replace(config, codec=dataclasses.replace(config.codec, path=os.path.abspath(config.codec.path)))
     config = frozen_text.resolve(config)  # a T5 run: its absolute path, and model.text_dim from its width
     cfg = config.train
+    use_compilation_cache(workdir)
     mesh = make_mesh(cfg.fsdp, context=cfg.context)
     codec = make_codec(config.codec)
-    check_config(config, mesh, codec)
+    buckets = run_buckets(config, mesh, codec)
+    check_config(config, mesh, codec, buckets)
     primary = jax.process_index() == 0
 
     graphdef = model_graphdef(config)
     abstract_state = abstract_train_state(config, mesh)
     checkpointer = Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints, every=cfg.checkpoint_every)
-    dataset = make_dataset(
-        config, global_batch_size=cfg.batch_size, process_index=jax.process_index(), process_count=jax.process_count()
+    batches = plan_batches(
+        config, buckets=buckets, process_index=jax.process_index(), process_count=jax.process_count()
     )
-    data = iter(dataset)
+    log.info("data: %s", batches.plan.report())
+    data = iter(make_dataset(config, batches=batches))
+    # A frozen T5 (else (None, empty)): for the step, unless a cache holds its features, and for samples.
+    sampling = config.task == "dit" and bool(config.sample.prompts or config.sample.judge_prompts)
+    text_encoder = (None, nnx.State({}))
+    if config.data.source != "cache" or sampling:
+        text_encoder = frozen_text.load(config, mesh)
+    step_fn = make_train_step(config, graphdef, codec, mesh, abstract_state, text_encoder)
+    codec_state, text_state = frozen_codec_state(codec, mesh), text_encoder[1]
+    # From the state's shapes alone: a dry run (train.compile_only) allocates no train state.
+    programs = compile_steps(step_fn, batches, mesh, abstract_state, codec_state, text_state)  # shape -> (program, bucket)
+    if cfg.compile_only:
+        log.info("train.compile_only: compiled the step for %d bucket(s); stopping before the first step", len(programs))
+        checkpointer.close()
+        return {}
     start = checkpointer.latest_step()
     _record_codec(config, workdir, resuming=start is not None, primary=primary)
     frozen_text.record_run(config, workdir, resuming=start is not None, primary=primary)
@@ -143,13 +196,6 @@ def train(config: Config, workdir: str | pathlib.Path) -> dict:
         " (the frozen codec not counted)" if config.task == "dit" else " (the codec being trained)",
         mesh.size, dict(mesh.shape),
     )
-    # A frozen T5 (else (None, empty)): for the step, unless a cache holds its features, and for samples.
-    sampling = config.task == "dit" and bool(config.sample.prompts or config.sample.judge_prompts)
-    text_encoder = (None, nnx.State({}))
-    if config.data.source != "cache" or sampling:
-        text_encoder = frozen_text.load(config, mesh)
-    step_fn = make_train_step(config, graphdef, codec, mesh, abstract_state, text_encoder)
-    codec_state, text_state = frozen_codec_state(codec, mesh), text_encoder[1]
     writer = MetricsWriter(workdir, enabled=primary)
     if config.task == "codec":
         from jaxdit.codec.train import CodecPreviews
@@ -164,25 +210,27 @@ def train(config: Config, workdir: str | pathlib.Path) -> dict:
     root_rng = jax.random.wrap_key_data(np.asarray(jax.random.key_data(state.rng)))
     progress = _progress_bar(start, cfg.steps, enabled=primary)
     last_metrics, pending = {}, None
-    rate = _Rate(start)
+    window = _Window(start, per_bucket=len(buckets) > 1)
     config_dict = config.to_dict()  # saved with every checkpoint
     step = start
     try:
         with _StopRequests() as stop:
             while step < cfg.steps and not stop.requested:
-                batch = global_batch(next(data), mesh)
-                state, metrics = step_fn(state, batch, jax.random.fold_in(root_rng, step), codec_state, text_state)
+                local = next(data)
+                program, bucket = programs[_example_shape(local)]
+                batch = global_batch(local, mesh)
+                state, metrics = program(state, batch, jax.random.fold_in(root_rng, step), codec_state, text_state)
                 # Read the previous step's metrics while this one runs: the device never waits on the host.
                 if pending is not None:
-                    last_metrics = _report(*pending, cfg, writer, progress, rate)
-                pending = (step + 1, metrics)
+                    last_metrics = _report(*pending, cfg, writer, progress, window)
+                pending = (step + 1, metrics, bucket)
                 step += 1
                 if step < cfg.steps:
                     checkpointer.save(step, state, data_iterator=data, config=config_dict)
                     if config.sample.every and step % config.sample.every == 0:
                         samples.write(step, state)  # sample videos, or the codec's previews
         if pending is not None:
-            last_metrics = _report(*pending, cfg, writer, progress, rate)
+            last_metrics = _report(*pending, cfg, writer, progress, window)
         if step > start:  # the final (or interrupted) step, whatever the checkpoint cadence
             checkpointer.save(step, state, data_iterator=data, config=config_dict, force=True)
         if stop.requested:
@@ -195,6 +243,49 @@ def train(config: Config, workdir: str | pathlib.Path) -> dict:
         progress.close()
         writer.close()
     return last_metrics
+
+
+def use_compilation_cache(workdir: pathlib.Path) -> None:
+    """JAX's persistent compilation cache in the run's `compile_cache/`, unless the user chose one
+    (JAX_COMPILATION_CACHE_DIR, or jax.config): a resumed run loads its programs instead of compiling them."""
+    if jax.config.jax_compilation_cache_dir is None:
+        jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(workdir).absolute() / "compile_cache"))
+
+
+def _example_shape(batch: dict) -> tuple[int, ...]:
+    """The shape of one example's clip (or latents) in a batch: what tells the buckets apart."""
+    return batch["latents" if "latents" in batch else "video"].shape[1:]
+
+
+def compile_steps(step_fn, batches: PlannedBatches, mesh, state, codec_state, text_state) -> dict:
+    """The train step compiled ahead of time for every bucket: {example shape: (program, bucket)}.
+
+    Logs each bucket's compile time and XLA's estimate of its memory per device (arguments, outputs and
+    temporaries: `jax.stages.Compiled.memory_analysis`).
+    """
+    programs = {}
+    rng = jax.random.key(0)
+    for b, bucket in enumerate(batches.buckets):
+        example = batches.example(b)  # this process's share of one batch of the bucket
+        spec = {
+            name: jax.ShapeDtypeStruct((bucket.batch, *value.shape[1:]), value.dtype, sharding=batch_sharding(mesh))
+            for name, value in example.items()
+        }
+        start = time.perf_counter()
+        program = step_fn.lower(state, spec, rng, codec_state, text_state).compile()
+        memory = program.memory_analysis()
+        total = sum(getattr(memory, f"{kind}_size_in_bytes", 0) for kind in ("argument", "output", "temp")) if memory else 0
+        log.info(
+            "bucket %s: global batch %d, step compiled in %.1f s, %s per device (XLA's estimate: arguments, "
+            "outputs and temporaries)", bucket.name, bucket.batch, time.perf_counter() - start,
+            _bytes(total) if memory else "no memory estimate",
+        )
+        programs[_example_shape(example)] = (program, bucket)
+    return programs
+
+
+def _bytes(count: int) -> str:
+    return f"{count / 2**30:.2f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
 
 
 def _record_codec(config: Config, workdir: pathlib.Path, *, resuming: bool, primary: bool) -> None:
@@ -250,10 +341,11 @@ class _Samples:
         s = self.config.sample
         if not (self.shown or self.judged):
             return
+        shapes = self.config.data.shapes  # the first of more than one frame: the judged prompts move
+        frames, height, width = next((shape for shape in shapes if shape[0] > 1), shapes[0])
         videos = self.sampler(  # one program for the shown and the judged prompts
             state.ema, state.model_rngs, self.shown + self.judged, seed=self.config.train.seed, sampler=s.sampler,
-            steps=s.steps, eta=s.eta, cfg_scale=s.cfg_scale, num_frames=self.config.data.num_frames,
-            height=self.config.data.size, width=self.config.data.size,
+            steps=s.steps, eta=s.eta, cfg_scale=s.cfg_scale, num_frames=frames, height=height, width=width,
         )  # (P * S + J, T, H, W, 3) uint8, on every process
         if not self.enabled:
             return
@@ -292,21 +384,31 @@ class _StopRequests:
             signal.signal(sig, handler)
 
 
-class _Rate:
-    """Steps per second over the steps since the last reading."""
+class _Window:
+    """What happened since the last metrics record: steps, samples, and (several buckets) each bucket's losses."""
 
-    def __init__(self, step: int):
-        self.step, self.time = step, time.perf_counter()
+    def __init__(self, step: int, *, per_bucket: bool):
+        self.step, self.time, self.per_bucket = step, time.perf_counter(), per_bucket
+        self.samples, self.losses = 0, {}
 
-    def __call__(self, step: int) -> float:
+    def add(self, bucket: Bucket, loss: float) -> None:
+        self.samples += bucket.batch
+        self.losses.setdefault(bucket.name, []).append(loss)
+
+    def close(self, step: int) -> dict:
+        """The window's rates (and mean loss per bucket), and a new window from here."""
         now = time.perf_counter()
-        rate = (step - self.step) / max(now - self.time, 1e-9)
-        self.step, self.time = step, now
-        return rate
+        seconds = max(now - self.time, 1e-9)
+        figures = {"steps_per_s": (step - self.step) / seconds, "samples_per_s": self.samples / seconds}
+        if self.per_bucket:  # the loss of each shape, which differ in scale: compare a bucket with itself
+            figures |= {f"loss/{name}": float(np.mean(losses)) for name, losses in sorted(self.losses.items())}
+        self.step, self.time, self.samples, self.losses = step, now, 0, {}
+        return figures
 
 
-def _report(step: int, metrics: dict, cfg, writer: MetricsWriter, progress, rate: _Rate) -> dict:
+def _report(step: int, metrics: dict, bucket: Bucket, cfg, writer: MetricsWriter, progress, window: _Window) -> dict:
     metrics = {"step": step} | {name: value.item() for name, value in jax.device_get(metrics).items()}
+    window.add(bucket, metrics["loss"])
     if metrics["skipped"]:
         log.warning("step %d: non-finite loss or gradients (%s); update skipped", step, metrics["loss"])
         if metrics["bad_steps"] >= cfg.max_bad_steps:
@@ -316,8 +418,7 @@ def _report(step: int, metrics: dict, cfg, writer: MetricsWriter, progress, rate
             )
     progress.update(step - progress.n)
     if step % cfg.log_every == 0 or step == cfg.steps:
-        steps_per_s = rate(step)
-        metrics |= {"steps_per_s": steps_per_s, "samples_per_s": steps_per_s * cfg.batch_size}
+        metrics |= window.close(step)
         writer.write(step, metrics)
         progress.set_postfix(loss=f"{metrics['loss']:.4f}", samples_per_s=f"{metrics['samples_per_s']:.1f}")
     return metrics

@@ -23,6 +23,8 @@ from jaxdit.train_step import abstract_train_state
 
 ROOT = pathlib.Path(__file__).parent.parent
 TINY = load_config(ROOT / "configs" / "tiny.py")
+# Three clip shapes, one a still, each with its global batch.
+BUCKETS = ("--data.buckets", "2x16x16;2x16x32;1x16x16", "--data.bucket_batches", "8,8,16")
 
 
 def tiny(*overrides: str):
@@ -45,10 +47,11 @@ def arrays(state) -> list[np.ndarray]:
             for x in jax.tree.leaves(state)]
 
 
-def test_two_n_steps_equal_n_steps_restart_n_steps_bit_for_bit(tmp_path):
-    config = tiny("--train.steps", "4")
+@pytest.mark.parametrize("buckets", [(), BUCKETS], ids=["one shape", "three buckets"])
+def test_two_n_steps_equal_n_steps_restart_n_steps_bit_for_bit(tmp_path, buckets):
+    config = tiny("--train.steps", "4", *buckets)
     train(config, tmp_path / "straight")
-    train(tiny("--train.steps", "2"), tmp_path / "restarted")
+    train(tiny("--train.steps", "2", *buckets), tmp_path / "restarted")
     train(config, tmp_path / "restarted")  # resumes at step 2: state, EMA, optimizer and data position
     assert losses(tmp_path / "straight") == losses(tmp_path / "restarted")
     straight, resumed = restored(tmp_path / "straight", config), restored(tmp_path / "restarted", config)
@@ -67,6 +70,40 @@ def test_a_run_resumes_onto_another_mesh(tmp_path):
     assert all(np.array_equal(a, b) for a, b in zip(arrays(with_context), arrays(replicated), strict=True))
     metrics = train(tiny("--train.steps", "3", "--train.fsdp", "4"), tmp_path)  # and trains on from there
     assert np.isfinite(metrics["loss"]) and int(restored(tmp_path, TINY).step) == 3
+
+
+def test_three_buckets_compile_three_step_programs_ahead_and_log_each_loss(tmp_path, monkeypatch, caplog):
+    from jaxdit import train_loop
+
+    lowered = []
+
+    class AheadOnly:  # the jitted step, which the loop may only compile ahead of time, never call
+        def __init__(self, step):
+            self.step = step
+
+        def lower(self, state, batch, *rest):
+            lowered.append(batch["video"].shape)
+            return self.step.lower(state, batch, *rest)
+
+        def __call__(self, *args):
+            pytest.fail("the loop called the jitted step: it compiles one program per bucket ahead of time")
+
+    make = train_loop.make_train_step
+    monkeypatch.setattr(train_loop, "make_train_step", lambda *a, **k: AheadOnly(make(*a, **k)))
+    with caplog.at_level("INFO", logger="jaxdit.train_loop"):
+        assert train(tiny("--train.steps", "6", "--train.compile_only", "true", *BUCKETS), tmp_path / "dry") == {}
+    assert sorted(lowered) == [(8, 2, 16, 16, 3), (8, 2, 16, 32, 3), (16, 1, 16, 16, 3)]
+    assert not (tmp_path / "dry" / "checkpoints").exists() or not list((tmp_path / "dry" / "checkpoints").iterdir())
+    report = [r.getMessage() for r in caplog.records if "step compiled in" in r.getMessage()]
+    assert [m.split(":")[0] for m in report] == ["bucket 2x16x16", "bucket 2x16x32", "bucket 1x16x16"]
+    assert any("data: 2x16x16: " in r.getMessage() for r in caplog.records)  # the bucket report
+
+    lowered.clear()
+    metrics = train(tiny("--train.steps", "6", "--train.log_every", "6", *BUCKETS), tmp_path / "run")
+    assert len(lowered) == 3 and np.isfinite(metrics["loss"])
+    per_bucket = {k for k in metrics if k.startswith("loss/")}
+    assert per_bucket and per_bucket <= {"loss/2x16x16", "loss/2x16x32", "loss/1x16x16"}
+    assert metrics["samples_per_s"] > 0
 
 
 def test_a_run_that_keeps_failing_stops_with_a_clear_error(tmp_path):
@@ -143,8 +180,9 @@ def _free_port() -> int:
 
 
 def test_two_processes_train_like_one(tmp_path):
-    """Two jax.distributed processes of 4 CPU devices each, against one process of 8, sample videos included."""
-    args = ["--train.steps", "2", "--sample.prompts", "a large red circle moving left", "--sample.steps", "2"]
+    """Two jax.distributed processes of 4 CPU devices each, against one process of 8: three buckets, and sample
+    videos included."""
+    args = ["--train.steps", "3", "--sample.prompts", "a large red circle moving left", "--sample.steps", "2", *BUCKETS]
     single = _run_train(tmp_path / "one", *args)
     output, _ = single.communicate(timeout=240)
     assert single.returncode == 0, output
@@ -158,7 +196,7 @@ def test_two_processes_train_like_one(tmp_path):
     assert all(p.returncode == 0 for p in processes), outputs
     assert "process 0 of 2" in outputs[0] and "process 1 of 2" in outputs[1]
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
-    assert sorted(one) == sorted(two) == [1, 2]
-    np.testing.assert_allclose([two[s] for s in (1, 2)], [one[s] for s in (1, 2)], rtol=1e-5)
+    assert sorted(one) == sorted(two) == [1, 2, 3]
+    np.testing.assert_allclose([two[s] for s in (1, 2, 3)], [one[s] for s in (1, 2, 3)], rtol=1e-5)
     for run in ("one", "two"):  # sampled over every device of every process, written once
-        assert sorted(p.name for p in (tmp_path / run / "samples").iterdir()) == ["step_0000002.mp4", "step_0000002.png"]
+        assert sorted(p.name for p in (tmp_path / run / "samples").iterdir()) == ["step_0000003.mp4", "step_0000003.png"]

@@ -245,3 +245,42 @@ def test_bad_arguments_are_rejected(folder, bad):
 def test_importing_the_module_does_not_import_pyav():
     code = "import sys, jaxdit.data.video_folder; assert 'av' not in sys.modules and 'PIL' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_buckets_take_each_row_by_its_shape_and_images_as_stills(tmp_path, folder):
+    from PIL import Image
+
+    from jaxdit.data.pipeline import plan_batches
+    from tests.test_pipeline import config
+
+    write_video(tmp_path / "wide.mp4", ramp(32, 64))
+    write_video(tmp_path / "tall.mp4", ramp(64, 32))
+    Image.fromarray(np.full((40, 90, 3), 200, np.uint8)).save(tmp_path / "wide.png")
+    Image.fromarray(np.full((90, 40, 3), 100, np.uint8)).convert("L").save(tmp_path / "tall.jpg")  # grey: as RGB
+    rows = [("wide.mp4", "wide"), ("tall.mp4", "tall"), (folder / "square.mp4", "square"), ("wide.png", "wide still"),
+            ("tall.jpg", "tall still"), (folder / "short.mp4", "five frames")]
+    manifest = write_manifest(tmp_path / "mixed.csv", rows)
+    shapes = [(4, 16, 32), (4, 32, 16), (4, 16, 16), (1, 16, 32), (1, 32, 16)]
+    ds = VideoFolder(manifest, frame_stride=2, shapes=shapes)
+    expected = {"wide": (4, 16, 32), "tall": (4, 32, 16), "square": (4, 16, 16), "wide still": (1, 16, 32),
+                "tall still": (1, 32, 16), "five frames": (1, 16, 32)}  # 3 frames at stride 2: its first, as an image
+    assert {caption: shapes[b] for (_, _, caption), b in zip(ds.rows, ds.assignment, strict=True)} == expected
+    for i in range(len(ds)):
+        assert ds[i]["video"].shape == (*shapes[ds.assignment[i]], 3) and ds[i]["video"].dtype == np.uint8
+    assert ds.natives[0] == (4, 32, 64) and ds.natives[3] == (1, 40, 90)  # frames counted up to the longest bucket
+    np.testing.assert_array_equal(ds[4]["video"], 100)  # an image is one frame, grey as RGB
+
+    videos_only = VideoFolder(manifest, frame_stride=2, shapes=shapes[:3])
+    assert videos_only.skipped == {
+        "wide.png": "one frame (an image), and no bucket of one frame: add one to data.buckets, e.g. 1x32x32",
+        "tall.jpg": "one frame (an image), and no bucket of one frame: add one to data.buckets, e.g. 1x32x32",
+        str(folder / "short.mp4"): "too short: 3 of 4 frames every 2 frame(s)",
+    }
+    buckets = "4x16x32;4x32x16;4x16x16;1x16x32;1x32x16"
+    run = config(source="folder", manifest=str(manifest), frame_stride=2, buckets=buckets.split(";"),
+                 bucket_batches=(1, 1, 1, 2, 1), caption_dropout=0.0)
+    batches = plan_batches(run)
+    assert batches.plan.report() == ("4x16x32: 1 clips, 1 batches of 1; 4x32x16: 1 clips, 1 batches of 1; 4x16x16: 1 clips, "
+                                     "1 batches of 1; 1x16x32: 2 clips, 1 batches of 2; 1x32x16: 1 clips, 1 batches of 1")
+    assert [batches.example(b)["video"].shape for b in range(5)] == [
+        (1, 4, 16, 32, 3), (1, 4, 32, 16, 3), (1, 4, 16, 16, 3), (2, 1, 16, 32, 3), (1, 1, 32, 16, 3)]

@@ -141,19 +141,20 @@ class ShapesDataset:
     """Endless moving-shapes clips: `ds[i]` -> {"video": uint8 (T, H, W, 3), "caption": str}.
 
     Clip i depends only on (seed, i) and its shape: (num_frames, height, width) for `ds[i]` (height and
-    width default to `size`), any other through `ds.clip(i, shape)`. One frame is a still. `length` is
-    a virtual length for samplers and shufflers; any index i >= 0 can be drawn, past `length` too.
-    Plain attributes only, so it pickles into data-loader worker processes.
+    width default to `size`), any other through `ds.clip(i, shape)`. One frame is a still. Without a
+    `length` the data set is endless (`endless`; its len is 2**31 - 1); any index i >= 0 can be drawn,
+    past `length` too. Plain attributes only, so it pickles into data-loader worker processes.
     """
 
     def __init__(self, num_frames: int = 16, size: int = 32, seed: int = 0, max_objects: int = 1,
-                 length: int = 2**31 - 1, *, height: int | None = None, width: int | None = None):
+                 length: int | None = None, *, height: int | None = None, width: int | None = None):
         self.size = _check_int("size", size, MIN_SIZE)
         height, width = size if height is None else height, size if width is None else width
         self.num_frames, self.height, self.width = check_shape((num_frames, height, width))
         self.seed = _check_int("seed", seed, 0)
         self.max_objects = _check_int("max_objects", max_objects, 1, len(COLOURS))  # colours are distinct
-        self.length = _check_int("length", length, 1)
+        self.endless = length is None  # a data pipeline draws fresh clips every epoch (jaxdit.data.buckets)
+        self.length = 2**31 - 1 if length is None else _check_int("length", length, 1)
 
     def __len__(self) -> int:
         return self.length
