@@ -4,6 +4,7 @@
     python sample.py --workdir runs/shapes_tiny --prompts-file prompts.txt --num-samples 4 --out grid.png
     python sample.py --workdir runs/shapes_tiny --prompt "a large red circle moving left" --height 32 --width 64 --out wide.mp4
     python sample.py --workdir runs/shapes_tiny --prompt "a large red circle moving left" --num-frames 1 --out still.png
+    python sample.py --workdir runs/shapes_tiny --prompt "a large blue circle moving left" --edit red.mp4 --strength 0.6 --out blue.mp4
 
 The extension of --out picks the format: .mp4 and .gif (every sample playing at once, a row
 per prompt), .png (a row of frames per sample, its prompt above), .npy (the uint8 array
@@ -36,6 +37,20 @@ def read_prompts(args, parser) -> list[str]:
     return prompts
 
 
+def read_edit(args, parser):
+    """--edit's clip, uint8 (T, H, W, 3): its first --num-frames frames, resized to --height/--width (or --size)."""
+    from jaxdit.data.video_folder import UnusableVideo, read_video, resize_crop
+
+    try:
+        clip = read_video(args.edit, args.num_frames)
+    except UnusableVideo as error:
+        parser.error(f"cannot read --edit {args.edit!r}: {error}")
+    height, width = (args.size, args.size) if args.size else (args.height, args.width)
+    if height or width:
+        clip = resize_crop(clip, height or clip.shape[1], width or clip.shape[2])
+    return clip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Generate videos from prompts with a trained jaxdit run.")
     parser.add_argument("--workdir", required=True, help="the run's folder (train.py's --workdir)")
@@ -61,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="split each video's tokens over this many devices (context parallelism, for long "
                              "videos); it must divide the local devices (default: 1)")
     parser.add_argument("--fps", type=float, help="frames per second of .mp4/.gif (default: the run's sample.fps)")
+    parser.add_argument("--edit", metavar="PATH",
+                        help="SDEdit: a video, image or .npy clip to redraw with the prompt (its first --num-frames "
+                             "frames, resized to --height/--width when given; else all of it, as it is)")
+    parser.add_argument("--strength", type=float,
+                        help="with --edit: the share of the denoising path rerun, in (0, 1]: 1 ignores the clip, "
+                             "near 0 keeps it (default: 0.8)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's notes on read-only directories
@@ -79,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from jaxdit.pipeline import Pipeline
 
+    edit = read_edit(args, parser) if args.edit else None
+
     try:
         pipe = Pipeline.load(args.workdir, step=args.step, context=args.context, text_path=args.text_path)
         model = pipe.config.model
@@ -88,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         videos = pipe.generate(
             prompts, num_samples=args.num_samples, steps=args.steps, sampler=args.sampler,
             cfg_scale=args.cfg_scale, eta=args.eta, seed=args.seed, num_frames=args.num_frames,
-            height=args.height, width=args.width, size=args.size, batch_size=args.batch_size, progress=True,
+            height=None if edit is not None else args.height, width=None if edit is not None else args.width,
+            size=None if edit is not None else args.size, batch_size=args.batch_size, progress=True,
+            edit=edit, **({} if args.strength is None else {"strength": args.strength}),
         )  # (P * S, T, H, W, 3) uint8
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))

@@ -36,6 +36,8 @@ from jaxdit.train_step import abstract_train_state, flow_shift, model_graphdef
 
 log = logging.getLogger(__name__)
 
+DEFAULT_STRENGTH = 0.8  # SDEdit: the share of the denoising path rerun from the edited clip (diffusers' default)
+
 
 def conditions(config: Config, prompts: list[str]) -> tuple[dict, dict]:
     """Prompts -> the model's conditioning arrays (B, ...), and the null condition of CFG.
@@ -116,19 +118,32 @@ class VideoSampler:
     def __call__(
         self, params, model_rngs, prompts: list[str], *, seed: int, sampler: str, steps: int, eta: float,
         cfg_scale: float, num_frames: int, height: int, width: int, batch_size: int | None = None,
-        progress: bool = False,
+        progress: bool = False, edit: np.ndarray | None = None, strength: float = 1.0,
     ) -> np.ndarray:
-        """One video per prompt (repeat a prompt for several samples) -> uint8 (B, T, H, W, 3)."""
+        """One video per prompt (repeat a prompt for several samples) -> uint8 (B, T, H, W, 3).
+
+        edit: SDEdit of this uint8 clip (T, H, W, 3) of the videos' size: every sample starts from its
+        latents noised to `strength` of the path (`sampling.sdedit_start`) instead of from noise.
+        """
         config = self.config
         sampler = sampling.check_sampler(sampler, steps, config.diffusion.num_steps, config.diffusion.process)
         shape = self.latent_shape(num_frames, height, width)
+        start = 0
+        if edit is not None:
+            edit = np.asarray(edit)
+            if edit.dtype != np.uint8 or edit.shape != (num_frames, height, width, 3):
+                raise ValueError(
+                    f"the clip to edit must be uint8 frames (T, H, W, 3) of the videos' size {(num_frames, height, width, 3)}; "
+                    f"got {edit.dtype} {edit.shape}."
+                )
+            start = sampling.sdedit_start(steps, strength)
         cond, null = conditions(config, prompts)
         guided = bool(null) and cfg_scale != 1.0  # no condition, or g = 1: one pass per step
         total = len(prompts)
         devices = data_parallel_size(self.mesh)  # the devices that hold different samples
         batch = devices * math.ceil(min(batch_size or total, total) / devices)  # a multiple of them
-        program = self._program(sampler, steps, eta, guided, shape, batch, progress)
-        bar = _progress_bar(math.ceil(total / batch) * steps, enabled=progress)
+        program = self._program(sampler, steps, eta, guided, shape, batch, progress, start, edit is not None)
+        bar = _progress_bar(math.ceil(total / batch) * (steps - start), enabled=progress)
         videos = []
         with bar:
             self._bar = bar
@@ -138,23 +153,24 @@ class VideoSampler:
                 cond_chunk, null_chunk = ({name: value[take] for name, value in arrays.items()} for arrays in (cond, null))
                 inputs = (cond_chunk, null_chunk, index.astype(np.int32), np.uint32(seed), np.float32(cfg_scale))
                 frozen = (self._codec_state, self._text_state)
-                out = program(params, model_rngs, *frozen, *_global(inputs, self.mesh))  # (b, T, H, W, 3) uint8
+                edited = () if edit is None else (_global((edit,), self.mesh, replicate=True)[0],)
+                out = program(params, model_rngs, *frozen, *_global(inputs, self.mesh), *edited)  # (b, T, H, W, 3) uint8
                 videos.append(_to_host(out)[: total - start])
             jax.effects_barrier()
         return np.concatenate(videos)
 
-    def _program(self, sampler, steps, eta, guided, shape, batch, progress):
-        key = (sampler, steps, eta, guided, shape, batch, progress)
+    def _program(self, sampler, steps, eta, guided, shape, batch, progress, start=0, editing=False):
+        key = (sampler, steps, eta, guided, shape, batch, progress, start, editing)
         if key not in self._programs:
-            self._programs[key] = self._compile(sampler, steps, eta, guided, shape, progress)
+            self._programs[key] = self._compile(sampler, steps, eta, guided, shape, progress, start, editing)
         return self._programs[key]
 
-    def _compile(self, sampler, steps, eta, guided, shape, progress):
+    def _compile(self, sampler, steps, eta, guided, shape, progress, start, editing):
         config, graphdef = self.config, self.graphdef
         channels = shape[-1]
         guided_channels = config.sample.guidance_channels or channels  # checked by Config
 
-        def generate(params, model_rngs, codec_state, text_state, cond, null, index, seed, cfg_scale):
+        def generate(params, model_rngs, codec_state, text_state, cond, null, index, seed, cfg_scale, edit=None):
             model = nnx.merge(graphdef, params, model_rngs)
             codec = nnx.merge(self._codec_graphdef, codec_state)
             text_encoder = model.text_encoder
@@ -171,17 +187,21 @@ class VideoSampler:
                 denoise = sampling.guide(denoise, cfg_scale, guided_channels)
             keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(index)  # (B,)
             advance = self._advance if progress else None
+            sdedit = {}
+            if editing:  # the clip's latents, the same for every sample: (B, T, H, W, C)
+                init = codec.encode(edit[None])  # (1, T, H, W, C): the posterior mean
+                sdedit = {"init": jnp.broadcast_to(init, (index.shape[0], *shape)), "start": start}
             if config.diffusion.process == "flow":
                 x0 = sampling.sample_flow(
                     denoise, keys, shape, steps=steps, sampler=sampler, prediction=config.diffusion.prediction,
-                    shift=flow_shift(config, shape), clip_x0=codec.clip_latents, progress=advance,
+                    shift=flow_shift(config, shape), clip_x0=codec.clip_latents, progress=advance, **sdedit,
                 )  # (B, T, H, W, C)
             else:
                 x0 = sampling.sample(
                     denoise, keys, shape, schedule_kind=config.diffusion.schedule,
                     num_train_steps=config.diffusion.num_steps, steps=steps, sampler=sampler, eta=eta,
                     prediction=config.diffusion.prediction, learn_sigma=config.model.learn_sigma,
-                    clip_x0=codec.clip_latents, progress=advance,
+                    clip_x0=codec.clip_latents, progress=advance, **sdedit,
                 )  # (B, T, H, W, C)
             return to_uint8(codec.decode(x0))  # (B, T', H', W', 3)
 
@@ -192,7 +212,7 @@ class VideoSampler:
             context_parallel.traced_on(self.mesh, generate),
             in_shardings=(
                 self.param_shardings, replicated, replicated, text_shardings, batched, batched, batched, replicated,
-                replicated,
+                replicated, *((replicated,) if editing else ()),
             ),
             out_shardings=batched,
             compiler_options=host.compiler_options(self.mesh.devices.flat[0].platform),
@@ -221,10 +241,12 @@ def _check_codec_record(config: Config, workdir: pathlib.Path) -> None:
         codecs.check_unchanged(config.codec.path, json.loads(record.read_text()), f"the run in {workdir}")
 
 
-def _global(inputs: tuple, mesh: jax.sharding.Mesh) -> tuple:
-    """Host arrays (the same on every process) -> global arrays: batched ones split, scalars replicated."""
+def _global(inputs: tuple, mesh: jax.sharding.Mesh, *, replicate: bool = False) -> tuple:
+    """Host arrays (the same on every process) -> global arrays: batched ones split, scalars (everything, with
+    `replicate`) replicated."""
     batched, replicated = batch_sharding(mesh), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    put = lambda a: jax.make_array_from_callback(a.shape, batched if a.ndim else replicated, lambda i: a[i])
+    put = lambda a: jax.make_array_from_callback(a.shape, batched if a.ndim and not replicate else replicated,
+                                                  lambda i: a[i])
     return jax.tree.map(lambda a: put(np.asarray(a)), inputs)
 
 
@@ -327,6 +349,8 @@ class Pipeline:
         size: int | None = None,
         batch_size: int | None = None,
         progress: bool = False,
+        edit: np.ndarray | None = None,
+        strength: float = DEFAULT_STRENGTH,
     ) -> np.ndarray:
         """Prompts -> uint8 videos (len(prompts) * num_samples, T, H, W, 3), samples of a prompt adjacent.
 
@@ -334,6 +358,10 @@ class Pipeline:
         and the codec divide; `num_frames=1` is an image. Unset arguments come from the run's `sample`
         config (sampler, steps, cfg_scale, eta) and `data` config (its frames and size). A shape the run
         did not train on works, with a warning. `batch_size` caps the samples per forward pass.
+
+        edit: SDEdit of a uint8 clip (T, H, W, 3), which gives the videos' size: its latents are noised to
+        `strength` (in (0, 1]) of the denoising path and denoised from there with each prompt. Strength 1
+        is plain sampling from the same seed; a strength under 1 / steps returns the clip through the codec.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts or num_samples < 1:
@@ -342,6 +370,15 @@ class Pipeline:
         if size is not None and (height is not None or width is not None):
             raise ValueError(f"give size (a square) or height and width, not both; got size={size}, "
                              f"height={height}, width={width}.")
+        if edit is not None:
+            edit = np.asarray(edit)
+            if edit.dtype != np.uint8 or edit.ndim != 4 or edit.shape[-1] != 3:
+                raise ValueError(f"edit must be a uint8 clip (T, H, W, 3); got {edit.dtype} {edit.shape}.")
+            given = {"num_frames": num_frames, "height": height if size is None else size, "width": width if size is None else size}
+            for (name, value), own in zip(given.items(), edit.shape[:3], strict=True):
+                if value is not None and value != own:
+                    raise ValueError(f"{name}={value} differs from the clip to edit ({own}): leave it unset, or resize the clip.")
+            num_frames, height, width = edit.shape[:3]
         default_frames, default_height, default_width = data.shapes[0]
         num_frames = default_frames if num_frames is None else num_frames
         height = size if size is not None else default_height if height is None else height
@@ -356,4 +393,5 @@ class Pipeline:
             eta=defaults.eta if eta is None else eta,
             cfg_scale=defaults.cfg_scale if cfg_scale is None else cfg_scale,
             num_frames=num_frames, height=height, width=width, batch_size=batch_size, progress=progress,
+            edit=edit, strength=strength,
         )

@@ -117,18 +117,23 @@ def sample(
     clip_x0: bool = False,
     progress: Callable[[int], None] | None = None,
     x_T: jax.Array | None = None,
+    init: jax.Array | None = None,
+    start: int = 0,
 ) -> jax.Array:
     """keys (B,) typed keys, shape (T, H, W, C) of one sample -> x0 (B, T, H, W, C) float32.
 
     `progress(i)` is called from the device after each step (jax.debug.callback), i = 1..steps.
     `x_T` (B, T, H, W, C), when given, is the starting noise instead of the keys' draw (e.g. to
-    reproduce another implementation's sample from its noise).
+    reproduce another implementation's sample from its noise). SDEdit: with `start` > 0 the first
+    `start` of the `steps` are skipped, and the chain starts from `init` (B, T, H, W, C) noised to the
+    step it starts at (`sdedit_start`); at `start == steps` it returns `init`.
     """
     sampler = check_sampler(sampler, steps, num_train_steps)
     timesteps = timestep_subset(num_train_steps, steps)  # (S,) increasing
     schedule = diffusion.respace(schedule_kind, num_train_steps, timesteps)
     channels = shape[-1]
     batch = keys.shape[0]
+    remaining = steps - _check_start(start, steps, init, batch, shape)
 
     def step(x: jax.Array, i: jax.Array):
         index = jnp.full((batch,), i, jnp.int32)  # (B,) visited-step index
@@ -151,11 +156,12 @@ def sample(
             jax.debug.callback(progress, steps - i)
         return x, None
 
-    if x_T is None:
-        x_T = _normal(keys, 0, shape)  # (B, T, H, W, C)
-    elif x_T.shape != (batch, *shape):
-        raise ValueError(f"x_T must have shape {(batch, *shape)} (keys x sample shape); got {tuple(x_T.shape)}.")
-    x0, _ = jax.lax.scan(step, x_T, jnp.arange(steps - 1, -1, -1))
+    x_T = _start_noise(keys, shape, x_T)  # (B, T, H, W, C)
+    if remaining == 0:
+        return init.astype(jnp.float32)
+    if start:  # the edited clip noised to the first step run, remaining - 1 of the respaced chain
+        x_T = diffusion.q_sample(schedule, init, jnp.full((batch,), remaining - 1, jnp.int32), x_T)
+    x0, _ = jax.lax.scan(step, x_T, jnp.arange(remaining - 1, -1, -1))
     return x0
 
 
@@ -171,14 +177,19 @@ def sample_flow(
     clip_x0: bool = False,
     progress: Callable[[int], None] | None = None,
     x_T: jax.Array | None = None,
+    init: jax.Array | None = None,
+    start: int = 0,
 ) -> jax.Array:
     """Flow matching's reverse ODE from x_1 = noise: keys (B,), shape (T, H, W, C) -> x0 (B, T, H, W, C) float32.
 
     `denoise(x, t)` sees t * flow.TIME_SCALE. `progress(i)` is called after each step, i = 1..steps.
+    SDEdit: with `start` > 0 the ODE starts at time t = times[start] of the grid from `init`
+    (B, T, H, W, C) on the straight path, (1 - t) init + t noise, and runs the steps left.
     """
     sampler = check_sampler(sampler, steps, 0, "flow")
     times = jnp.asarray(flow.time_grid(steps, shift))  # (S + 1,) from 1 down to 0
     batch = keys.shape[0]
+    _check_start(start, steps, init, batch, shape)
 
     def predict(x, t):  # (x0, eps) the network implies at time t (a scalar)
         t = jnp.full((batch,), t, jnp.float32)  # (B,)
@@ -203,9 +214,35 @@ def sample_flow(
             jax.debug.callback(progress, i + 1)
         return x_euler, None
 
-    if x_T is None:
-        x_T = _normal(keys, 0, shape)  # (B, T, H, W, C)
-    elif x_T.shape != (batch, *shape):
-        raise ValueError(f"x_T must have shape {(batch, *shape)} (keys x sample shape); got {tuple(x_T.shape)}.")
-    x0, _ = jax.lax.scan(step, x_T, jnp.arange(steps))
+    x_T = _start_noise(keys, shape, x_T)  # (B, T, H, W, C)
+    if start:  # the edited clip on the straight path at the first time run
+        x_T = (1 - times[start]) * init.astype(jnp.float32) + times[start] * x_T
+    x0, _ = jax.lax.scan(step, x_T, jnp.arange(start, steps))
     return x0
+
+
+def sdedit_start(steps: int, strength: float) -> int:
+    """The steps SDEdit skips: of `steps`, it runs the last int(steps * strength), so strength 1 is plain
+    sampling from noise and a strength under 1 / steps returns the clip it edits."""
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1]: the share of the denoising path that is rerun; got {strength}.")
+    return steps - min(int(steps * strength), steps)
+
+
+def _check_start(start: int, steps: int, init, batch: int, shape: tuple[int, ...]) -> int:
+    if not 0 <= start <= steps:
+        raise ValueError(f"start must be in 0..{steps} (the steps SDEdit skips); got {start}.")
+    if start and (init is None or init.shape != (batch, *shape)):
+        raise ValueError(f"SDEdit (start > 0) needs init of shape {(batch, *shape)}; got "
+                         f"{None if init is None else tuple(init.shape)}.")
+    return start
+
+
+def _start_noise(keys: jax.Array, shape: tuple[int, ...], x_T: jax.Array | None) -> jax.Array:
+    """The starting noise: the keys' draw, or the given x_T (B, T, H, W, C)."""
+    batch = keys.shape[0]
+    if x_T is None:
+        return _normal(keys, 0, shape)  # (B, T, H, W, C)
+    if x_T.shape != (batch, *shape):
+        raise ValueError(f"x_T must have shape {(batch, *shape)} (keys x sample shape); got {tuple(x_T.shape)}.")
+    return x_T

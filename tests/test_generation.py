@@ -87,6 +87,25 @@ def test_any_height_width_and_duration_with_a_warning_off_the_trained_size(pipe)
         np.testing.assert_array_equal(tall, pipe.generate(PROMPTS, steps=STEPS, seed=5, num_frames=4, height=32, width=16))
 
 
+def test_sdedit_at_strength_one_is_plain_sampling_and_near_zero_returns_the_clip(pipe):
+    from jaxdit.data.shapes import ShapesDataset
+
+    clip = ShapesDataset(num_frames=2, size=16, seed=4)[0]["video"]  # (2, 16, 16, 3) uint8
+    plain = pipe.generate(PROMPTS, steps=STEPS, seed=2)
+    np.testing.assert_array_equal(pipe.generate(PROMPTS, steps=STEPS, seed=2, edit=clip, strength=1.0), plain)
+    kept = pipe.generate(PROMPTS, steps=STEPS, seed=2, edit=clip, strength=0.1)  # 0 of 3 steps rerun
+    np.testing.assert_array_equal(kept, np.stack([clip, clip]))  # through the identity codec: exactly the clip
+    edited = pipe.generate(PROMPTS, steps=STEPS, seed=2, edit=clip, strength=0.5)  # the last of 3 steps rerun
+    assert edited.shape == plain.shape and not np.array_equal(edited, plain) and not np.array_equal(edited, kept)
+    for kwargs, message in [
+        ({"strength": 0.0}, r"strength must be in \(0, 1\]"), ({"strength": 1.5}, r"strength must be in \(0, 1\]"),
+        ({"num_frames": 4}, r"num_frames=4 differs from the clip to edit \(2\)"),
+        ({"edit": clip.astype(np.float32)}, "edit must be a uint8 clip"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            pipe.generate(PROMPTS, steps=STEPS, **{"edit": clip, **kwargs})
+
+
 def test_guidance_scale_one_runs_one_pass_per_step(pipe, monkeypatch):
     guided = pipe.generate(PROMPTS, steps=STEPS, cfg_scale=3.0)
     monkeypatch.setattr(sampling, "guide", lambda *args: pytest.fail("g = 1 must not run the guided pair"))
@@ -181,6 +200,23 @@ def test_sample_py_writes_an_image_of_any_height_and_width(run, tmp_path, capsys
         assert sample_script.main([*args, "--height", "16", "--width", "32", "--out", str(out)]) == 0
     assert np.load(out).shape == (1, 1, 16, 32, 3)
     assert "wrote 1 videos (1, 16, 32)" in capsys.readouterr().out
+
+
+def test_sample_py_edits_a_clip_with_sdedit(run, tmp_path, capsys):
+    from jaxdit.data.shapes import ShapesDataset
+
+    clip = ShapesDataset(num_frames=3, size=24, seed=4)[0]["video"]  # (3, 24, 24, 3): cut and resized below
+    np.save(tmp_path / "clip.npy", clip)
+    args = ["--workdir", str(run), "--prompt", PROMPTS[0], "--steps", str(STEPS), "--edit", str(tmp_path / "clip.npy"),
+            "--num-frames", "2", "--size", "16", "--strength", "0.1", "--out", str(tmp_path / "kept.npy")]
+    assert sample_script.main(args) == 0
+    from jaxdit.data.video_folder import resize_crop
+
+    np.testing.assert_array_equal(np.load(tmp_path / "kept.npy")[0], resize_crop(clip[:2], 16, 16))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        sample_script.main([*args[:7], str(tmp_path / "missing.mp4"), "--out", str(tmp_path / "a.npy")])
+    assert "cannot read --edit '" in (err := capsys.readouterr().err) and "missing.mp4': file not found" in err
 
 
 def test_sample_py_end_to_end_writes_an_mp4_with_every_frame(run, tmp_path):

@@ -137,3 +137,38 @@ def test_the_whole_reverse_process_is_one_scan():
     jaxpr = jax.make_jaxpr(fn)(keys)
     scans = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
     assert len(scans) == 1 and scans[0].params["length"] == 50
+
+
+@pytest.mark.parametrize("process", ["ddpm", "flow"])
+def test_sdedit_starts_from_the_clip_on_the_path_and_runs_the_steps_left(process):
+    x0, init = _x0(), _x0() * 0.5  # the oracle's target, and the clip being edited
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(3))
+    calls = []
+
+    def counted(denoise):
+        def wrapped(x, t):
+            jax.debug.callback(lambda: calls.append(1))
+            return denoise(x, t)
+        return wrapped
+
+    if process == "ddpm":
+        denoise = counted(oracle(x0))
+        go = lambda **kw: sampling.sample(denoise, keys, SHAPE, schedule_kind="linear",
+                                          num_train_steps=NUM_TRAIN_STEPS, steps=10, **kw)
+    else:  # the oracle of the straight path: velocity eps - x0 with eps = (x - (1 - t) x0) / t
+        def velocity(x, t):
+            t = (t / 1000.0).reshape(-1, 1, 1, 1, 1)
+            return (x - (1 - t) * x0) / t - x0
+        denoise = counted(velocity)
+        go = lambda **kw: sampling.sample_flow(denoise, keys, SHAPE, steps=10, shift=3.0, **kw)
+    plain = jax.jit(lambda: go())()
+    np.testing.assert_array_equal(jax.jit(lambda: go(init=init, start=0))(), plain)  # start 0: plain sampling
+    calls.clear()
+    np.testing.assert_allclose(jax.jit(lambda: go(init=init, start=6))(), x0, atol=1e-4)  # the oracle still lands on x0
+    assert len(calls) == 4  # the 4 steps left, one pass each
+    np.testing.assert_array_equal(jax.jit(lambda: go(init=init, start=10))(), init)  # no step left: the clip itself
+    assert [sampling.sdedit_start(10, s) for s in (1.0, 0.61, 0.5, 0.09)] == [0, 4, 5, 10]
+    with pytest.raises(ValueError, match="needs init of shape"):
+        go(start=3)
+    with pytest.raises(ValueError, match=r"strength must be in \(0, 1\]"):
+        sampling.sdedit_start(10, 0.0)

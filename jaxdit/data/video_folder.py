@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ("path", "text")  # manifest columns we read; any others are ignored
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # rows read as one-frame clips
+_MAX_FRAMES = 100_000  # read_video's limit on a whole video's frames
 _TIME_TOLERANCE_S = 1e-3  # container timestamps are often rounded to milliseconds (Matroska)
 _SUMMARY_MAX_NAMED = 10  # summary() names this many skipped files, then counts the rest
 
@@ -167,6 +168,29 @@ def read_clip(path: str, shape: tuple[int, int, int], frame_stride: int, fps: fl
     num_frames, height, width = shape
     frames = _decode(path, num_frames, frame_stride, fps, exact=True)
     return np.stack([_resize_crop(frame, height, width) for frame in frames[:num_frames]])  # (T, H, W, 3)
+
+
+def read_video(path: str, num_frames: int | None = None) -> np.ndarray:
+    """Every frame (or the first `num_frames`) of a video, an image or a .npy clip: uint8 (T, H, W, 3), or
+    raise UnusableVideo naming why."""
+    if str(path).lower().endswith(".npy"):
+        try:
+            video = np.load(path)
+        except (OSError, ValueError) as e:
+            raise UnusableVideo(f"cannot read the array: {e}") from e
+        video = video[0] if video.ndim == 5 and len(video) == 1 else video  # sample.py's .npy of one video
+        if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3:
+            raise UnusableVideo(f"a .npy clip must be uint8 (T, H, W, 3); got {video.dtype} {video.shape}")
+    else:
+        video = np.stack(_decode(str(path), num_frames or _MAX_FRAMES, 1, None, exact=num_frames is not None))
+    if num_frames is not None and len(video) < num_frames:
+        raise UnusableVideo(f"too short: {len(video)} of {num_frames} frames")
+    return video[:num_frames]
+
+
+def resize_crop(video: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 (T, H, W, 3) -> (T, height, width, 3): each frame resized to cover and centre-cropped."""
+    return np.stack([_resize_crop(frame, height, width) for frame in video])
 
 
 def probe(path: str, max_frames: int, frame_stride: int, fps: float | None) -> tuple[int, int, int]:
