@@ -356,8 +356,8 @@ class Pipeline:
 
         The video is `num_frames` frames of `height` x `width` pixels (`size`: a square), any that the patch
         and the codec divide; `num_frames=1` is an image. Unset arguments come from the run's `sample`
-        config (sampler, steps, cfg_scale, eta) and `data` config (its frames and size). A shape the run
-        did not train on works, with a warning. `batch_size` caps the samples per forward pass.
+        config (sampler, steps, cfg_scale, eta) and `data` config (its first clip shape: `data.shapes[0]`). A
+        shape the run did not train on works, with a warning. `batch_size` caps the samples per forward pass.
 
         edit: SDEdit of a uint8 clip (T, H, W, 3), which gives the videos' size: its latents are noised to
         `strength` (in (0, 1]) of the denoising path and denoised from there with each prompt. Strength 1

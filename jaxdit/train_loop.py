@@ -163,9 +163,12 @@ def train(config: Config, workdir: str | pathlib.Path) -> dict:
     graphdef = model_graphdef(config)
     abstract_state = abstract_train_state(config, mesh)
     checkpointer = Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints, every=cfg.checkpoint_every)
-    batches = plan_batches(
-        config, buckets=buckets, process_index=jax.process_index(), process_count=jax.process_count()
-    )
+    try:  # an empty bucket, a batch that does not split over the processes, a folder with too few usable clips
+        batches = plan_batches(
+            config, buckets=buckets, process_index=jax.process_index(), process_count=jax.process_count()
+        )
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     log.info("data: %s", batches.plan.report())
     data = iter(make_dataset(config, batches=batches))
     # A frozen T5 (else (None, empty)): for the step, unless a cache holds its features, and for samples.

@@ -139,6 +139,8 @@ def test_train_py_writes_metrics_tensorboard_checkpoints_and_samples_then_resume
         (["--train.stepz", "3"], "unknown config field '--train.stepz'"),
         (["--train.steps", "three"], "takes a int"),
         (["--config", "configs/nope.py"], "does not exist"),
+        (["--data.buckets", "2x16x16;2x16x32", "--data.bucket_keep", "1,0.00001"], "2x16x32 get no whole global batch"),
+        (["--data.buckets", "2x16x16;2x16x32", "--data.bucket_batches", "8,4"], "bucket 2x16x32's global batch 4"),
     ],
 )
 def test_train_py_rejects_bad_configs_clearly(tmp_path, capsys, args, message):
