@@ -128,7 +128,7 @@ class VideoSampler:
         config = self.config
         sampler = sampling.check_sampler(sampler, steps, config.diffusion.num_steps, config.diffusion.process)
         shape = self.latent_shape(num_frames, height, width)
-        start = 0
+        skipped = 0  # SDEdit: the steps of the path not rerun
         if edit is not None:
             edit = np.asarray(edit)
             if edit.dtype != np.uint8 or edit.shape != (num_frames, height, width, 3):
@@ -136,14 +136,16 @@ class VideoSampler:
                     f"the clip to edit must be uint8 frames (T, H, W, 3) of the videos' size {(num_frames, height, width, 3)}; "
                     f"got {edit.dtype} {edit.shape}."
                 )
-            start = sampling.sdedit_start(steps, strength)
+            skipped = sampling.sdedit_start(steps, strength)
         cond, null = conditions(config, prompts)
         guided = bool(null) and cfg_scale != 1.0  # no condition, or g = 1: one pass per step
         total = len(prompts)
         devices = data_parallel_size(self.mesh)  # the devices that hold different samples
         batch = devices * math.ceil(min(batch_size or total, total) / devices)  # a multiple of them
-        program = self._program(sampler, steps, eta, guided, shape, batch, progress, start, edit is not None)
-        bar = _progress_bar(math.ceil(total / batch) * (steps - start), enabled=progress)
+        program = self._program(sampler, steps, eta, guided, shape, batch, progress, skipped, edit is not None)
+        bar = _progress_bar(math.ceil(total / batch) * (steps - skipped), enabled=progress)
+        frozen = (self._codec_state, self._text_state)
+        edited = () if edit is None else _global((edit,), self.mesh, replicate=True)  # copied to the devices once
         videos = []
         with bar:
             self._bar = bar
@@ -152,8 +154,6 @@ class VideoSampler:
                 take = np.minimum(index, total - 1)
                 cond_chunk, null_chunk = ({name: value[take] for name, value in arrays.items()} for arrays in (cond, null))
                 inputs = (cond_chunk, null_chunk, index.astype(np.int32), np.uint32(seed), np.float32(cfg_scale))
-                frozen = (self._codec_state, self._text_state)
-                edited = () if edit is None else (_global((edit,), self.mesh, replicate=True)[0],)
                 out = program(params, model_rngs, *frozen, *_global(inputs, self.mesh), *edited)  # (b, T, H, W, 3) uint8
                 videos.append(_to_host(out)[: total - start])
             jax.effects_barrier()
