@@ -5,13 +5,16 @@
     python sample.py --workdir runs/shapes_tiny --prompt "a large red circle moving left" --height 32 --width 64 --out wide.mp4
     python sample.py --workdir runs/shapes_tiny --prompt "a large red circle moving left" --num-frames 1 --out still.png
     python sample.py --workdir runs/shapes_tiny --prompt "a large blue circle moving left" --edit red.mp4 --strength 0.6 --out blue.mp4
+    python sample.py --workdir runs/shapes_tiny --prompt "a large red circle moving left" --image first.png --out i2v.mp4
+    python sample.py --workdir runs/shapes_tiny --prompt "a large red circle moving left" --video red.mp4 --out next.mp4
 
 The extension of --out picks the format: .mp4 and .gif (every sample playing at once, a row
 per prompt), .png (a row of frames per sample, its prompt above), .npy (the uint8 array
 (prompts * samples, T, H, W, 3), prompts in order, the samples of a prompt adjacent).
 Unset options come from the run's `sample` config; the frames and size from its `data` config (any
 other that the patch and codec divide works, with a warning if the run did not train on it; one frame
-is an image). The same seed gives the same pixels on any number of devices. A class-conditional model (no text) takes class indices, as
+is an image). --image, --last-image and --video prompt a run trained with frame conditioning with the
+frames every video begins or ends with (docs/generation.md). The same seed gives the same pixels on any number of devices. A class-conditional model (no text) takes class indices, as
 --class-label 207 360 (or as prompts); an imported DiT (python -m jaxdit.convert.dit) so:
 
     python sample.py --workdir runs/dit_xl2_256 --class-label 207 360 387 974 88 979 417 279 --out grid.png
@@ -37,18 +40,35 @@ def read_prompts(args, parser) -> list[str]:
     return prompts
 
 
-def read_edit(args, parser):
-    """--edit's clip, uint8 (T, H, W, 3): its first --num-frames frames, resized to --height/--width (or --size)."""
+def read_clip(args, parser, flag: str, path: str, num_frames: int | None = None):
+    """The clip (or image) a flag names, uint8 (T, H, W, 3): its first `num_frames` frames (all: None),
+    resized to --height/--width (or --size) when given, else as it is."""
     from jaxdit.data.video_folder import UnusableVideo, read_video, resize_crop
 
     try:
-        clip = read_video(args.edit, args.num_frames)
+        clip = read_video(path, num_frames)
     except UnusableVideo as error:
-        parser.error(f"cannot read --edit {args.edit!r}: {error}")
+        parser.error(f"cannot read {flag} {path!r}: {error}")
     height, width = (args.size, args.size) if args.size else (args.height, args.width)
     if height or width:
         clip = resize_crop(clip, height or clip.shape[1], width or clip.shape[2])
     return clip
+
+
+def read_references(args, parser) -> dict:
+    """--image, --last-image and --video as Pipeline.generate takes them."""
+    references = {}
+    if args.image:
+        references["image"] = read_clip(args, parser, "--image", args.image, 1)[0]  # (H, W, 3)
+    if args.last_image:
+        references["last_image"] = read_clip(args, parser, "--last-image", args.last_image, 1)[0]
+    if args.video:
+        references["video"] = read_clip(args, parser, "--video", args.video)  # (T, H, W, 3)
+    elif args.backward:
+        parser.error("--backward generates what came before a clip: give it with --video PATH.")
+    if references and args.edit:
+        parser.error("give frames to keep (--image, --last-image, --video) or a clip to --edit, not both.")
+    return references
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,6 +102,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strength", type=float,
                         help="with --edit: the share of the denoising path rerun, in (0, 1]: 1 ignores the clip, "
                              "near 0 keeps it (default: 0.8)")
+    parser.add_argument("--image", metavar="PATH",
+                        help="image-to-video: the first frame of every video (an image, or a video's first frame)")
+    parser.add_argument("--last-image", metavar="PATH",
+                        help="the last frame of every video; with --image, a clip that connects the two (the same "
+                             "image twice: a loop)")
+    parser.add_argument("--video", metavar="PATH",
+                        help="continue this clip: its last frames begin every video (with --backward, its first "
+                             "frames end every video: what came before it)")
+    parser.add_argument("--backward", action="store_true", help="with --video: generate what came before the clip")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's notes on read-only directories
@@ -100,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from jaxdit.pipeline import Pipeline
 
-    edit = read_edit(args, parser) if args.edit else None
+    edit = read_clip(args, parser, "--edit", args.edit, args.num_frames) if args.edit else None
+    references = read_references(args, parser)
+    given_size = edit is not None or bool(references)  # the clip or image gives the size (resized above if asked)
 
     try:
         pipe = Pipeline.load(args.workdir, step=args.step, context=args.context, text_path=args.text_path)
@@ -111,9 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         videos = pipe.generate(
             prompts, num_samples=args.num_samples, steps=args.steps, sampler=args.sampler,
             cfg_scale=args.cfg_scale, eta=args.eta, seed=args.seed, num_frames=args.num_frames,
-            height=None if edit is not None else args.height, width=None if edit is not None else args.width,
-            size=None if edit is not None else args.size, batch_size=args.batch_size, progress=True,
-            edit=edit, **({} if args.strength is None else {"strength": args.strength}),
+            height=None if given_size else args.height, width=None if given_size else args.width,
+            size=None if given_size else args.size, batch_size=args.batch_size, progress=True,
+            edit=edit, **({} if args.strength is None else {"strength": args.strength}), **references,
+            backward=args.backward,
         )  # (P * S, T, H, W, 3) uint8
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))

@@ -22,6 +22,9 @@ Run: python train.py                         (this config, into runs/shapes_tiny
 
 from jaxdit import Config, DataConfig, DiffusionConfig, ModelConfig, SampleConfig, TextConfig, TrainConfig
 
+# Square first (what sample.py makes by default, and what is judged while training), then landscape,
+# portrait, and still images (one frame, a still clip of two to the 2-frame temporal patch).
+BUCKETS = ((8, 32, 32), (8, 32, 48), (8, 48, 32), (1, 32, 32))
 PROMPTS = (
     "a large red circle moving left",
     "a large blue square moving right",
@@ -35,14 +38,15 @@ def get_config() -> Config:
         name="shapes_tiny",
         model=ModelConfig(
             variant="mini/2x8x8", in_channels=3, text_dim=64, cross_attention=False, positions="rope+sincos",
-            qk_norm=True, flow_input_scale=True,
+            qk_norm=True, flow_input_scale=True, frame_condition=True,
         ),
         diffusion=DiffusionConfig(process="flow", prediction="x0", time_sampling="logit_normal", shift=3.0),
         text=TextConfig(max_length=48, depth=1, heads=4, bigram_buckets=4096),
-        data=DataConfig(source="shapes", num_frames=8, size=32),
+        data=DataConfig(source="shapes", num_frames=8, size=32, buckets=BUCKETS, bucket_tokens=512),
         train=TrainConfig(
-            steps=12000, batch_size=8, learning_rate=3e-3, adam_b2=0.95, warmup_steps=100, lr_schedule="cosine",
+            steps=11000, batch_size=8, learning_rate=3e-3, adam_b2=0.95, warmup_steps=100, lr_schedule="cosine",
             ema_decay=0.995, checkpoint_every=1000, log_every=50,
+            condition="first=0.2,last=0.05,first_last=0.05,lead=0.05,trail=0.05", condition_frames=2,
         ),
         sample=SampleConfig(prompts=PROMPTS, every=2000, steps=50, cfg_scale=2.0, judge_prompts=16),
     )

@@ -35,6 +35,7 @@ from jaxdit.options import (
     check_choice,
     check_minimums,
     context_degrees,
+    parse_condition,
     resolve_sampler,
 )
 
@@ -267,6 +268,11 @@ class TrainConfig:
     log_every: int = 50  # steps between metrics.jsonl / TensorBoard records
     # Compile the train step for every bucket, report compile time and memory, and stop there.
     compile_only: bool = False
+    # Frame conditioning (model.frame_condition; jaxdit.frames): the share of clips trained with given
+    # frames, by kind, e.g. "first=0.3,last=0.1,first_last=0.05,lead=0.05,trail=0.05"; the rest are
+    # text only. A leading or trailing clip ("lead", "trail") is condition_frames latent frames.
+    condition: str = ""
+    condition_frames: int = 1
 
     def __post_init__(self):
         check_minimums(
@@ -274,6 +280,8 @@ class TrainConfig:
             checkpoint_every=1, keep_checkpoints=1, log_every=1,
         )
         check_choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_minimums("train", self, condition_frames=1)
+        parse_condition(self.condition)
         if self.warmup_steps >= self.steps:
             raise ValueError(
                 f"train.warmup_steps={self.warmup_steps} must be smaller than train.steps={self.steps}; "
@@ -345,6 +353,15 @@ class Config:
         if self.diffusion.process == "flow" and self.model.learn_sigma:
             raise ValueError("model.learn_sigma is DDPM's learned variance: a flow run (diffusion.process='flow') has none.")
         context_degrees(self.model.context_attention, self.model.heads, self.train.context, self.model.ulysses_degree)
+        conditioned = parse_condition(self.train.condition)["text"] < 1
+        if conditioned != self.model.frame_condition and self.task == "dit":
+            raise ValueError(
+                "train.condition (the share of clips trained with given frames) needs model.frame_condition=True, "
+                "the model's input for them; set both, or neither."
+                if conditioned else
+                "model.frame_condition=True needs train.condition, the share of clips trained with given frames, "
+                "e.g. --train.condition first=0.3,last=0.1; or set model.frame_condition=False."
+            )
         if self.sample.guidance_channels > self.model.in_channels:
             raise ValueError(
                 f"sample.guidance_channels={self.sample.guidance_channels} exceeds the model's "

@@ -41,17 +41,21 @@ class Denoiser(nnx.Module):
         text_mask: jax.Array | None = None,
         text: jax.Array | None = None,
         label: jax.Array | None = None,
+        given: jax.Array | None = None,
+        given_mask: jax.Array | None = None,
         train: bool = False,
     ) -> jax.Array:
         """x (B, T, H, W, C) latents, t (B,), tokens and mask (B, L), label (B,) -> (B, T, H, W, C_out).
 
-        text: (B, L, E) token features from a frozen encoder, in place of the tokens.
+        text: (B, L, E) token features from a frozen encoder, in place of the tokens. given, given_mask:
+        frame conditioning, as VideoDiT takes them.
         """
+        frames = {"given": given, "given_mask": given_mask}
         if not self.dit.config.has_text:
-            return self.dit(x, t, label=label, train=train)
+            return self.dit(x, t, label=label, train=train, **frames)
         if text_mask is None or (text is None and (self.text_encoder is None or text_tokens is None)):
             what = "text_tokens" if self.text_encoder is not None else "text (the frozen encoder's features)"
             raise ValueError(f"this model is text-conditioned: pass {what} and text_mask (B, L).")
         if text is None:
             text = self.text_encoder(text_tokens, text_mask)  # (B, L, E)
-        return self.dit(x, t, text=text, text_mask=text_mask, label=label, train=train)
+        return self.dit(x, t, text=text, text_mask=text_mask, label=label, train=train, **frames)

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdit.frames import masked_mean
+
 SCHEDULES = ("linear", "cosine")
 PREDICTIONS = ("epsilon", "v", "x0")  # what the network predicts
 
@@ -152,8 +154,12 @@ def _f32(*arrays: jax.Array) -> tuple[jax.Array, ...]:
     return tuple(jnp.asarray(a, jnp.float32) for a in arrays)
 
 
-def _mean_flat(x: jax.Array) -> jax.Array:
-    return x.mean(axis=tuple(range(1, x.ndim)))  # (B,)
+def _mean_flat(x: jax.Array, keep: jax.Array | None = None) -> jax.Array:
+    """The mean of each example's values (B,); with keep (B, T) bool, of its kept frames' only (masked,
+    so the left-out frames get exactly zero gradient)."""
+    if keep is None:
+        return x.mean(axis=tuple(range(1, x.ndim)))  # (B,)
+    return masked_mean(x, keep)
 
 
 def sample_timesteps(rng: jax.Array, batch_size: int, num_steps: int) -> jax.Array:
@@ -250,7 +256,7 @@ def discretized_gaussian_log_likelihood(x: jax.Array, means: jax.Array, log_scal
     return jnp.where(x < -_EDGE, log_cdf_plus, jnp.where(x > _EDGE, log_one_minus_cdf_min, log_cdf_delta))
 
 
-def _vb_bits(schedule, x0, x_t, t, model_output, var_values, prediction) -> jax.Array:
+def _vb_bits(schedule, x0, x_t, t, model_output, var_values, prediction, keep=None) -> jax.Array:
     """One term of the variational bound in bits per dimension, (B,): KL for t > 0, decoder NLL at t = 0."""
     model_mean = q_posterior_mean(schedule, predict_x0(schedule, x_t, t, model_output, prediction), x_t, t)
     log_variance = model_log_variance(schedule, t, var_values)
@@ -258,7 +264,7 @@ def _vb_bits(schedule, x0, x_t, t, model_output, var_values, prediction) -> jax.
     true_log_variance = gather(schedule.posterior_log_variance_clipped, t, x_t.shape)
     kl = normal_kl(true_mean, true_log_variance, model_mean, log_variance)
     decoder_nll = -discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * log_variance)  # log std = log var / 2
-    return jnp.where(t == 0, _mean_flat(decoder_nll), _mean_flat(kl)) / math.log(2.0)  # (B,) nats -> bits
+    return jnp.where(t == 0, _mean_flat(decoder_nll, keep), _mean_flat(kl, keep)) / math.log(2.0)  # (B,) nats -> bits
 
 
 def loss(
@@ -271,11 +277,13 @@ def loss(
     *,
     prediction: str = "epsilon",
     learn_sigma: bool = False,
+    keep: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Per-example loss (B,) and its terms {"mse": (B,), "vb": (B,) with learn_sigma}.
 
     model_output is (B, ..., C), or (B, ..., 2C) with `learn_sigma`: the prediction, then the
-    variance values, on the last (channel) axis.
+    variance values, on the last (channel) axis. keep (B, T) bool: the frames in the loss (frame
+    conditioning leaves the given ones out); None: all.
     """
     _check_prediction(prediction)
     model_output, x0, x_t, noise = _f32(model_output, x0, x_t, noise)
@@ -288,7 +296,7 @@ def loss(
         model_output, var_values = jnp.split(model_output, 2, axis=-1)  # 2 x (B, ..., C)
         # vb trains only the variance: the mean it sees is frozen, so the MSE alone shapes it.
         frozen = jax.lax.stop_gradient(model_output)
-        terms["vb"] = _vb_bits(schedule, x0, x_t, t, frozen, var_values, prediction)  # (B,)
+        terms["vb"] = _vb_bits(schedule, x0, x_t, t, frozen, var_values, prediction, keep)  # (B,)
     target = training_target(schedule, x0, noise, t, prediction)
-    terms["mse"] = _mean_flat((target - model_output) ** 2)  # (B,)
+    terms["mse"] = _mean_flat((target - model_output) ** 2, keep)  # (B,)
     return terms["mse"] + terms.get("vb", 0.0), terms

@@ -66,7 +66,9 @@ def num_tokens(model: ModelConfig, latent_shape: tuple[int, ...]) -> int:
     """Video tokens N of one sample of latents (T, H, W, C)."""
     if len(latent_shape) != 4:
         raise ValueError(f"latent_shape is one sample's (T, H, W, C), got {tuple(latent_shape)}.")
-    sizes, patch = latent_shape[:3], model.patch
+    sizes, patch = list(latent_shape[:3]), model.patch
+    if sizes[0] == 1:  # an image fills a temporal patch (jaxdit.frames.pad_frames)
+        sizes[0] = patch[0]
     if any(size % p for size, p in zip(sizes, patch, strict=True)):
         raise ValueError(f"latents {tuple(latent_shape)} do not divide into patches {'x'.join(map(str, patch))}.")
     return math.prod(size // p for size, p in zip(sizes, patch, strict=True))

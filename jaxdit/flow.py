@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdit.frames import masked_mean
 from jaxdit.options import PREDICTIONS, TIME_SAMPLINGS
 
 TIME_SCALE = 1000.0  # the network sees t * 1000: the range of DDPM's steps
@@ -118,9 +119,12 @@ def split(
 
 
 def loss(
-    model_output: jax.Array, x0: jax.Array, x_t: jax.Array, noise: jax.Array, t: jax.Array, *, prediction: str = "v"
+    model_output: jax.Array, x0: jax.Array, x_t: jax.Array, noise: jax.Array, t: jax.Array, *, prediction: str = "v",
+    keep: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Per-example loss (B,): the MSE between the velocities implied by the output and by the truth, {"mse": (B,)}.
+
+    keep (B, T) bool: the frames in the mean (frame conditioning leaves the given ones out); None: all.
 
     For "x0" that is the x0 error weighted by 1 / max(t, floor)^2 (JiT), for "epsilon" the noise
     error by 1 / max(1 - t, floor)^2; both are the velocity error wherever the clamp is inactive.
@@ -129,7 +133,10 @@ def loss(
         raise ValueError(f"model_output must have the latents' shape {x0.shape}; got {model_output.shape}.")
     exact = {"v": target(x0, noise), "x0": x0, "epsilon": noise}[prediction]
     error = velocity(x_t, t, model_output, prediction) - velocity(x_t, t, exact, prediction)  # (B, ...)
-    mse = jnp.mean(error**2, axis=tuple(range(1, error.ndim)))  # (B,)
+    if keep is None:
+        mse = jnp.mean(error**2, axis=tuple(range(1, error.ndim)))  # (B,)
+    else:
+        mse = masked_mean(error**2, keep)  # (B,)
     return mse, {"mse": mse}
 
 

@@ -56,6 +56,13 @@ class VideoDiT(nnx.Module):
                 ulysses_degree=config.ulysses_degree, dtype=dtype, rngs=rngs,
             )
 
+        if config.frame_condition:
+            # The given frames' latents and the mask of given frames (jaxdit.frames), one channel more
+            # than the latents, into the tokens; zero-initialised, so training starts from the model without it.
+            self.condition_embed = Linear(
+                patch_dim * (config.in_channels + 1), width, kernel_init=nnx.initializers.zeros_init(), dtype=dtype,
+                rngs=rngs,
+            )
         if config.token_mask_ratio:
             # What a hidden token shows the blocks (with its position): learned, starting at zero.
             self.mask_token = nnx.Param(jnp.zeros((width,), jnp.float32))
@@ -78,21 +85,27 @@ class VideoDiT(nnx.Module):
         text: jax.Array | None = None,
         text_mask: jax.Array | None = None,
         label: jax.Array | None = None,
+        given: jax.Array | None = None,
+        given_mask: jax.Array | None = None,
         train: bool = False,
     ) -> jax.Array:
         """x (B, T, H, W, C) latents, t (B,) steps, text (B, L, E), text_mask (B, L) bool, label (B,) int.
 
+        Frame conditioning (`model.frame_condition`): given (B, T, H, W, C) latents, of which the frames
+        given_mask (B, T) bool marks are given (none given when both are None).
         Returns (B, T, H, W, C) float32 predicted noise, or (B, T, H, W, 2C) with `learn_sigma`
         (noise first, then the variance interpolation values).
         """
         cfg = self.config
-        text_mask = self._check_inputs(x, t, text, text_mask, label)
+        text_mask = self._check_inputs(x, t, text, text_mask, label, given, given_mask)
         grid = grid_shape(x.shape, cfg.patch)  # (T', H', W')
         dtype = jnp.dtype(cfg.dtype)
 
         if cfg.flow_input_scale:  # t is flow time * TIME_SCALE: the input's share of signal is 1 - t
             x = x * (1 - t.astype(jnp.float32) / TIME_SCALE)[:, None, None, None, None]  # (B, T, H, W, C)
         tokens = self.patch_embed(patchify(x.astype(dtype), cfg.patch))  # (B, N, D)
+        if cfg.frame_condition:
+            tokens = tokens + self._embed_given(x, given, given_mask)  # (B, N, D)
         if train and cfg.token_mask_ratio:
             tokens = self._hide_tokens(tokens)  # (B, N, D)
         rope = None
@@ -120,6 +133,17 @@ class VideoDiT(nnx.Module):
         out = context_parallel.gather_tokens(self.final(tokens, c), num_tokens)  # (B, N, P_out)
         return unpatchify(out.astype(jnp.float32), cfg.patch, grid)  # (B, T, H, W, C_out)
 
+    def _embed_given(self, x: jax.Array, given: jax.Array | None, given_mask: jax.Array | None) -> jax.Array:
+        """The given frames and their mask as tokens: (B, T, H, W, C + 1) channels, patchified -> (B, N, D)."""
+        if given is None:  # text only: nothing given
+            given, given_mask = jnp.zeros_like(x), jnp.zeros(x.shape[:2], bool)
+        mask = given_mask[:, :, None, None, None]  # (B, T, 1, 1, 1)
+        channels = jnp.concatenate(
+            [jnp.where(mask, given.astype(jnp.float32), 0.0), jnp.broadcast_to(mask, (*x.shape[:4], 1)).astype(jnp.float32)],
+            axis=-1,
+        )  # (B, T, H, W, C + 1)
+        return self.condition_embed(patchify(channels.astype(jnp.dtype(self.config.dtype)), self.config.patch))
+
     def _hide_tokens(self, tokens: jax.Array) -> jax.Array:
         """(B, N, D) -> the same with each sample's tokens hidden (the mask token) with probability U(0, ratio)."""
         key = jax.random.fold_in(self.mask_rng(), 1)  # apart from the label dropout, reseeded with the same key
@@ -141,7 +165,7 @@ class VideoDiT(nnx.Module):
             block, tokens, c, text, text_mask, rope, token_mask
         )
 
-    def _check_inputs(self, x, t, text, text_mask, label):
+    def _check_inputs(self, x, t, text, text_mask, label, given=None, given_mask=None):
         """Shape and presence checks with messages that say what to pass; returns the text mask."""
         cfg = self.config
         if x.ndim != 5 or x.shape[-1] != cfg.in_channels:
@@ -156,6 +180,19 @@ class VideoDiT(nnx.Module):
             raise ValueError(f"this model is class-conditional ({cfg.num_classes} classes): pass label=(B,) ints.")
         if not cfg.num_classes and label is not None:
             raise ValueError("label was given but the model has no class embedding (model.num_classes=0).")
+        if (given is None) != (given_mask is None):
+            raise ValueError("frame conditioning takes both given (B, T, H, W, C) latents and given_mask (B, T).")
+        if given is not None:
+            if not cfg.frame_condition:
+                raise ValueError(
+                    "given frames were passed, but this model has no frame conditioning (model.frame_condition="
+                    "False): train one with --model.frame_condition true --train.condition first=0.3,last=0.1."
+                )
+            if given.shape != x.shape or given_mask.shape != x.shape[:2]:
+                raise ValueError(
+                    f"given must have x's shape {tuple(x.shape)} and given_mask {tuple(x.shape[:2])}; got "
+                    f"{tuple(given.shape)} and {tuple(given_mask.shape)}."
+                )
         if label is not None and label.shape != (batch,):
             raise ValueError(f"label must have shape ({batch},), got {tuple(label.shape)}.")
         if not cfg.has_text:

@@ -78,6 +78,10 @@ class ModelConfig:
     # learned mask embedding (MDT / MaskDiT): their prediction must come from the other tokens,
     # which teaches the model how the tokens of one clip depend on each other. 0: off.
     token_mask_ratio: float = 0.0
+    # Frame conditioning (jaxdit.frames): the model also takes a mask of given latent frames and their
+    # latents, as extra input channels through a zero-initialised patch embedding, so it can be prompted
+    # with images and clips. Trained with train.condition.
+    frame_condition: bool = False
     # Self-attention over video tokens split along the sequence (train.context > 1): one of
     # CONTEXT_ATTENTION. It changes how attention communicates, never its result or the parameters.
     context_attention: str = "ulysses_ring"

@@ -104,3 +104,26 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}.")
 
+
+CONDITIONS = ("text", "first", "last", "first_last", "lead", "trail")  # what a clip is trained with
+
+
+def parse_condition(text: str) -> dict[str, float]:
+    """'first=0.3,last=0.1' -> the probability of every kind of CONDITIONS, "text" taking the rest."""
+    probabilities = dict.fromkeys(CONDITIONS, 0.0)
+    for part in filter(None, (p.strip() for p in text.replace(";", ",").split(","))):
+        name, _, value = part.partition("=")
+        name = name.strip()
+        if name not in CONDITIONS[1:] or not value:
+            raise ValueError(
+                f"train.condition lists kind=probability pairs of {', '.join(CONDITIONS[1:])} (text only takes "
+                f"the rest), e.g. 'first=0.3,last=0.1'; got {part!r}."
+            )
+        try:
+            probabilities[name] = float(value)
+        except ValueError:
+            raise ValueError(f"train.condition: {name}'s probability must be a number; got {value!r}.") from None
+    if any(p < 0 for p in probabilities.values()) or sum(probabilities.values()) > 1 + 1e-9:
+        raise ValueError(f"train.condition: probabilities must be >= 0 and add up to at most 1; got {text!r}.")
+    probabilities["text"] = max(0.0, 1.0 - sum(probabilities.values()))
+    return probabilities

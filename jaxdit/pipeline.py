@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxdit import context_parallel, frozen_text, host, sampling
+from jaxdit import context_parallel, frames, frozen_text, host, sampling
 from jaxdit.checkpoint import Checkpointer
 from jaxdit.codec import frozen_codec_state, make_codec, to_uint8
 from jaxdit.config import Config
@@ -111,23 +111,41 @@ class VideoSampler:
                 raise misfit(name, value, axis)
         latents = self.codec.latent_shape((num_frames, height, width, 3))  # the codec's rule (causal: 1 + 2^k n frames)
         for name, value, axis in checks:
-            if latents[axis] % patch[axis]:
+            if latents[axis] % patch[axis] and not (axis == 0 and latents[0] == 1):  # an image fills a patch
                 raise misfit(name, value, axis)
         return tuple(latents)
+
+    def given_frames(self, count: int, height: int, width: int) -> int:
+        """The latent frames that `count` pixel frames of a reference make, encoded on their own."""
+        return self.codec.latent_shape((count, height, width, 3))[0]
+
+    def reference_pixels(self, latent_frames: int, height: int, width: int) -> int:
+        """The fewest pixel frames that encode on their own to `latent_frames` latent frames."""
+        for count in range(1, self.codec.factors[0] * latent_frames + 1):
+            try:
+                if self.given_frames(count, height, width) == latent_frames:
+                    return count
+            except ValueError:  # a frame count the codec does not take
+                continue
+        raise ValueError(f"the {self.config.codec.kind} codec makes no {latent_frames} latent frames of {height}x{width}.")
 
     def __call__(
         self, params, model_rngs, prompts: list[str], *, seed: int, sampler: str, steps: int, eta: float,
         cfg_scale: float, num_frames: int, height: int, width: int, batch_size: int | None = None,
         progress: bool = False, edit: np.ndarray | None = None, strength: float = 1.0,
+        head: np.ndarray | None = None, tail: np.ndarray | None = None,
     ) -> np.ndarray:
         """One video per prompt (repeat a prompt for several samples) -> uint8 (B, T, H, W, 3).
 
         edit: SDEdit of this uint8 clip (T, H, W, 3) of the videos' size: every sample starts from its
         latents noised to `strength` of the path (`sampling.sdedit_start`) instead of from noise.
+        head, tail: frame conditioning (`jaxdit.frames`): uint8 frames (k, H, W, 3) that begin (end) every
+        video, each encoded on its own; the model generates the rest.
         """
         config = self.config
         sampler = sampling.check_sampler(sampler, steps, config.diffusion.num_steps, config.diffusion.process)
         shape = self.latent_shape(num_frames, height, width)
+        references = self._check_references(head, tail, shape, num_frames, height, width, edit is not None)
         skipped = 0  # SDEdit: the steps of the path not rerun
         if edit is not None:
             edit = np.asarray(edit)
@@ -142,10 +160,12 @@ class VideoSampler:
         total = len(prompts)
         devices = data_parallel_size(self.mesh)  # the devices that hold different samples
         batch = devices * math.ceil(min(batch_size or total, total) / devices)  # a multiple of them
-        program = self._program(sampler, steps, eta, guided, shape, batch, progress, skipped, edit is not None)
+        layout = tuple(None if r is None else r.shape[0] for r in (head, tail))  # pixel frames given at each end
+        program = self._program(sampler, steps, eta, guided, shape, batch, progress, skipped, edit is not None, layout)
         bar = _progress_bar(math.ceil(total / batch) * (steps - skipped), enabled=progress)
         frozen = (self._codec_state, self._text_state)
         edited = () if edit is None else _global((edit,), self.mesh, replicate=True)  # copied to the devices once
+        edited += _global(references, self.mesh, replicate=True)
         videos = []
         with bar:
             self._bar = bar
@@ -159,18 +179,68 @@ class VideoSampler:
             jax.effects_barrier()
         return np.concatenate(videos)
 
-    def _program(self, sampler, steps, eta, guided, shape, batch, progress, start=0, editing=False):
-        key = (sampler, steps, eta, guided, shape, batch, progress, start, editing)
+    def _check_references(self, head, tail, shape, num_frames, height, width, editing) -> tuple:
+        """The given frames (head, tail) that are not None, checked against the videos asked for."""
+        given = {name: r for name, r in (("leading", head), ("trailing", tail)) if r is not None}
+        if not given:
+            return ()
+        if not self.config.model.frame_condition:
+            raise ValueError(
+                "this run was trained with no frame conditioning (model.frame_condition=False), so it cannot be "
+                "prompted with images or clips: train one with --model.frame_condition true --train.condition "
+                "first=0.3,last=0.1 (configs/shapes_tiny.py does), or use --edit (SDEdit), which any run can do."
+            )
+        if editing:
+            raise ValueError("give frames to keep (an image or a clip) or a clip to edit, not both.")
+        if num_frames == 1:
+            raise ValueError("an image (one frame) cannot be prompted with frames: ask for a video (num_frames > 1).")
+        count = 0
+        for name, clip in given.items():
+            if clip.dtype != np.uint8 or clip.ndim != 4 or clip.shape[1:] != (height, width, 3):
+                raise ValueError(
+                    f"the {name} frames must be uint8 (k, H, W, 3) of the videos' size {height}x{width}; got "
+                    f"{clip.dtype} {clip.shape}: resize them, or ask for their size."
+                )
+            count += self.given_frames(clip.shape[0], height, width)
+        if count >= shape[0]:
+            raise ValueError(
+                f"the given frames fill {count} of the {shape[0]} latent frames of a {num_frames}-frame video: "
+                "ask for more frames, or give fewer."
+            )
+        return tuple(given.values())
+
+    def _program(self, sampler, steps, eta, guided, shape, batch, progress, start=0, editing=False, layout=(None, None)):
+        key = (sampler, steps, eta, guided, shape, batch, progress, start, editing, layout)
         if key not in self._programs:
-            self._programs[key] = self._compile(sampler, steps, eta, guided, shape, progress, start, editing)
+            self._programs[key] = self._compile(sampler, steps, eta, guided, shape, progress, start, editing, layout)
         return self._programs[key]
 
-    def _compile(self, sampler, steps, eta, guided, shape, progress, start, editing):
+    def _given(self, codec, shape, layout, references):
+        """The given frames of every video: (latents (1, T, H, W, C), mask (1, T) bool), each reference
+        encoded on its own and placed at its end of the clip."""
+        length = shape[0]
+        given, mask = jnp.zeros((1, *shape), jnp.float32), np.zeros((1, length), bool)
+        references = list(references)
+        for end, count in zip(("head", "tail"), layout, strict=True):
+            if count is None:
+                continue
+            latents = codec.encode(references.pop(0)[None])  # (1, k, H, W, C): the posterior mean
+            k = latents.shape[1]
+            where = slice(0, k) if end == "head" else slice(length - k, length)
+            given = given.at[:, where].set(latents)
+            mask[:, where] = True
+        return given, jnp.asarray(mask)
+
+    def _compile(self, sampler, steps, eta, guided, shape, progress, start, editing, layout):
         config, graphdef = self.config, self.graphdef
         channels = shape[-1]
         guided_channels = config.sample.guidance_channels or channels  # checked by Config
+        image = shape[0] == 1  # one latent frame: an image, sampled as a still clip that fills a temporal patch
+        sampled = (config.model.patch[0] if image else shape[0], *shape[1:])
+        conditioned = layout != (None, None)
 
-        def generate(params, model_rngs, codec_state, text_state, cond, null, index, seed, cfg_scale, edit=None):
+        def generate(params, model_rngs, codec_state, text_state, cond, null, index, seed, cfg_scale, *arrays):
+            edit, references = (arrays[0], arrays[1:]) if editing else (None, arrays)
             model = nnx.merge(graphdef, params, model_rngs)
             codec = nnx.merge(self._codec_graphdef, codec_state)
             text_encoder = model.text_encoder
@@ -182,28 +252,34 @@ class VideoSampler:
             if config.model.has_text:  # the text is encoded once, not at every step
                 text = text_encoder(cond["text_tokens"], cond["text_mask"])  # (B, L, E)
                 kwargs |= {"text": text, "text_mask": cond["text_mask"]}
-            denoise = lambda x, t: model.dit(x, t, **kwargs)
+            batch = index.shape[0]
+            kept = {}  # the sampler's: the given frames it resets after every step
+            if conditioned:  # the same frames for every sample: the guided pair's halves included
+                latents, mask = self._given(codec, shape, layout, references)
+                kept = {"given": (jnp.broadcast_to(latents, (batch, *shape)), jnp.broadcast_to(mask, (batch, shape[0])))}
+                kwargs |= {"given": latents, "given_mask": mask}
+            denoise = lambda x, t: model.dit(x, t, **_batched(kwargs, x.shape[0]))
             if guided:
                 denoise = sampling.guide(denoise, cfg_scale, guided_channels)
             keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(index)  # (B,)
             advance = self._advance if progress else None
             sdedit = {}
             if editing:  # the clip's latents, the same for every sample: (B, T, H, W, C)
-                init = codec.encode(edit[None])  # (1, T, H, W, C): the posterior mean
-                sdedit = {"init": jnp.broadcast_to(init, (index.shape[0], *shape)), "start": start}
+                init = frames.pad_frames(codec.encode(edit[None]), sampled[0])  # (1, T, H, W, C): the posterior mean
+                sdedit = {"init": jnp.broadcast_to(init, (batch, *sampled)), "start": start}
             if config.diffusion.process == "flow":
                 x0 = sampling.sample_flow(
-                    denoise, keys, shape, steps=steps, sampler=sampler, prediction=config.diffusion.prediction,
-                    shift=flow_shift(config, shape), clip_x0=codec.clip_latents, progress=advance, **sdedit,
+                    denoise, keys, sampled, steps=steps, sampler=sampler, prediction=config.diffusion.prediction,
+                    shift=flow_shift(config, sampled), clip_x0=codec.clip_latents, progress=advance, **sdedit, **kept,
                 )  # (B, T, H, W, C)
             else:
                 x0 = sampling.sample(
-                    denoise, keys, shape, schedule_kind=config.diffusion.schedule,
+                    denoise, keys, sampled, schedule_kind=config.diffusion.schedule,
                     num_train_steps=config.diffusion.num_steps, steps=steps, sampler=sampler, eta=eta,
                     prediction=config.diffusion.prediction, learn_sigma=config.model.learn_sigma,
-                    clip_x0=codec.clip_latents, progress=advance, **sdedit,
+                    clip_x0=codec.clip_latents, progress=advance, **sdedit, **kept,
                 )  # (B, T, H, W, C)
-            return to_uint8(codec.decode(x0))  # (B, T', H', W', 3)
+            return to_uint8(codec.decode(frames.cut_frames(x0, shape[0])))  # (B, T', H', W', 3)
 
         batched = batch_sharding(self.mesh)
         replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
@@ -212,7 +288,7 @@ class VideoSampler:
             context_parallel.traced_on(self.mesh, generate),
             in_shardings=(
                 self.param_shardings, replicated, replicated, text_shardings, batched, batched, batched, replicated,
-                replicated, *((replicated,) if editing else ()),
+                replicated, *((replicated,) * (editing + (layout[0] is not None) + (layout[1] is not None))),
             ),
             out_shardings=batched,
             compiler_options=host.compiler_options(self.mesh.devices.flat[0].platform),
@@ -220,6 +296,24 @@ class VideoSampler:
 
     def _advance(self, done):
         self._bar.update(1)
+
+
+def _uint8_frames(name: str, array, ndim: int) -> np.ndarray:
+    """A uint8 image (H, W, 3) (ndim 3) or clip (T, H, W, 3) (ndim 4), or an error naming it."""
+    array = np.asarray(array)
+    if array.dtype != np.uint8 or array.ndim != ndim or array.shape[-1] != 3:
+        what = "an image (H, W, 3)" if ndim == 3 else "a clip (T, H, W, 3)"
+        raise ValueError(f"{name} must be uint8 {what}; got {array.dtype} {array.shape}.")
+    return array
+
+
+def _batched(kwargs: dict, batch: int) -> dict:
+    """The model's keyword arguments with the given frames (1, ...) broadcast to the batch it runs on."""
+    if "given" not in kwargs:
+        return kwargs
+    given, mask = kwargs["given"], kwargs["given_mask"]
+    return kwargs | {"given": jnp.broadcast_to(given, (batch, *given.shape[1:])),
+                     "given_mask": jnp.broadcast_to(mask, (batch, *mask.shape[1:]))}
 
 
 def _warn_if_untrained(trained: tuple[tuple[int, int, int], ...], shape: tuple[int, int, int]) -> None:
@@ -351,6 +445,10 @@ class Pipeline:
         progress: bool = False,
         edit: np.ndarray | None = None,
         strength: float = DEFAULT_STRENGTH,
+        image: np.ndarray | None = None,
+        last_image: np.ndarray | None = None,
+        video: np.ndarray | None = None,
+        backward: bool = False,
     ) -> np.ndarray:
         """Prompts -> uint8 videos (len(prompts) * num_samples, T, H, W, 3), samples of a prompt adjacent.
 
@@ -362,6 +460,13 @@ class Pipeline:
         edit: SDEdit of a uint8 clip (T, H, W, 3), which gives the videos' size: its latents are noised to
         `strength` (in (0, 1]) of the denoising path and denoised from there with each prompt. Strength 1
         is plain sampling from the same seed; a strength under 1 / steps returns the clip through the codec.
+
+        Prompting with images and clips (a run trained with frame conditioning, `jaxdit.frames`), applied to
+        every prompt, each reference giving the videos' size unless it is given:
+        image: a uint8 image (H, W, 3), the first frame (image-to-video); last_image: the last frame (with
+        `image`, a clip that connects them; the same image twice, a loop); video: a uint8 clip (T, H, W, 3)
+        continued forward, its last frames leading the new video (the run's train.condition_frames latent
+        frames of them), or with `backward` what came before it, its first frames ending the new video.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts or num_samples < 1:
@@ -370,20 +475,36 @@ class Pipeline:
         if size is not None and (height is not None or width is not None):
             raise ValueError(f"give size (a square) or height and width, not both; got size={size}, "
                              f"height={height}, width={width}.")
+        if size is not None:
+            height = width = size
         if edit is not None:
-            edit = np.asarray(edit)
-            if edit.dtype != np.uint8 or edit.ndim != 4 or edit.shape[-1] != 3:
-                raise ValueError(f"edit must be a uint8 clip (T, H, W, 3); got {edit.dtype} {edit.shape}.")
-            given = {"num_frames": num_frames, "height": height if size is None else size, "width": width if size is None else size}
-            for (name, value), own in zip(given.items(), edit.shape[:3], strict=True):
+            edit = _uint8_frames("edit", edit, 4)
+            asked = {"num_frames": num_frames, "height": height, "width": width}
+            for (name, value), own in zip(asked.items(), edit.shape[:3], strict=True):
                 if value is not None and value != own:
                     raise ValueError(f"{name}={value} differs from the clip to edit ({own}): leave it unset, or resize the clip.")
             num_frames, height, width = edit.shape[:3]
+        references = {"image": image, "last_image": last_image, "video": video}
+        references = {
+            name: _uint8_frames(name, r, 4 if name == "video" else 3) for name, r in references.items() if r is not None
+        }
+        for name, reference in references.items():
+            own = reference.shape[-3:-1]
+            for axis, value in (("height", height), ("width", width)):
+                if value is not None and value != own[axis == "width"]:
+                    raise ValueError(
+                        f"{name} is {own[0]}x{own[1]} pixels, but the videos asked for are {height}x{width}: resize "
+                        f"it, or leave height and width unset to use its size."
+                    )
+            height, width = own
+        if backward and video is None:
+            raise ValueError("backward=True generates what came before a clip: give it as video=.")
         default_frames, default_height, default_width = data.shapes[0]
         num_frames = default_frames if num_frames is None else num_frames
-        height = size if size is not None else default_height if height is None else height
-        width = size if size is not None else default_width if width is None else width
+        height = default_height if height is None else height
+        width = default_width if width is None else width
         self._sampler.latent_shape(num_frames, height, width)  # a size the model cannot make: an error first
+        head, tail = self._given_ends(references, backward, height, width)
         _warn_if_untrained(data.shapes, (num_frames, height, width))
         _, params, model_rngs = nnx.split(self.denoiser, nnx.Param, ...)
         return self._sampler(
@@ -393,5 +514,31 @@ class Pipeline:
             eta=defaults.eta if eta is None else eta,
             cfg_scale=defaults.cfg_scale if cfg_scale is None else cfg_scale,
             num_frames=num_frames, height=height, width=width, batch_size=batch_size, progress=progress,
-            edit=edit, strength=strength,
+            edit=edit, strength=strength, head=head, tail=tail,
         )
+
+    def _given_ends(self, references: dict, backward: bool, height: int, width: int):
+        """image, last_image and video -> the frames that begin and end every video (head, tail), or None."""
+        head = None if "image" not in references else references["image"][None]  # (1, H, W, 3)
+        tail = None if "last_image" not in references else references["last_image"][None]
+        if "video" in references:
+            clip = references["video"]
+            if not self.config.model.frame_condition:  # the sampler names it; before counting frames here
+                return clip, None
+            count = self._sampler.reference_pixels(self.config.train.condition_frames, height, width)
+            if clip.shape[0] < count:
+                raise ValueError(
+                    f"the video gives {clip.shape[0]} frames, but this run continues clips from {count} "
+                    f"(train.condition_frames={self.config.train.condition_frames} latent frames): give a longer clip."
+                )
+            end = "tail" if backward else "head"
+            if (head if end == "head" else tail) is not None:
+                raise ValueError(
+                    "a video continued forward already gives the first frames (drop image=), and one continued "
+                    "backward the last (drop last_image=)."
+                )
+            if backward:
+                tail = clip[:count]  # its first frames end the new video
+            else:
+                head = clip[-count:]  # its last frames begin the new video
+        return head, tail

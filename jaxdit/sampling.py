@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdit import diffusion, flow
+from jaxdit import diffusion, flow, frames
 from jaxdit.options import resolve_sampler
 
 Denoise = Callable[[jax.Array, jax.Array], jax.Array]  # (x (B, ...), t (B,)) -> output (B, ..., C or 2C)
@@ -119,6 +119,7 @@ def sample(
     x_T: jax.Array | None = None,
     init: jax.Array | None = None,
     start: int = 0,
+    given: tuple[jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
     """keys (B,) typed keys, shape (T, H, W, C) of one sample -> x0 (B, T, H, W, C) float32.
 
@@ -126,7 +127,9 @@ def sample(
     `x_T` (B, T, H, W, C), when given, is the starting noise instead of the keys' draw (e.g. to
     reproduce another implementation's sample from its noise). SDEdit: with `start` > 0 the first
     `start` of the `steps` are skipped, and the chain starts from `init` (B, T, H, W, C) noised to the
-    step it starts at (`sdedit_start`); at `start == steps` it returns `init`.
+    step it starts at (`sdedit_start`); at `start == steps` it returns `init`. Frame conditioning: `given`
+    = (latents (B, T, H, W, C), mask (B, T) bool): the masked frames are those latents from the start and
+    again after every step (`reset`), bitwise.
     """
     sampler = check_sampler(sampler, steps, num_train_steps)
     timesteps = timestep_subset(num_train_steps, steps)  # (S,) increasing
@@ -154,14 +157,14 @@ def sample(
             x = ddpm_step(schedule, x, x0, log_variance, index, noise)
         if progress is not None:
             jax.debug.callback(progress, steps - i)
-        return x, None
+        return reset(x, given), None
 
     x_T = _start_noise(keys, shape, x_T)  # (B, T, H, W, C)
     if remaining == 0:
         return init.astype(jnp.float32)
     if start:  # the edited clip noised to the first step run, remaining - 1 of the respaced chain
         x_T = diffusion.q_sample(schedule, init, jnp.full((batch,), remaining - 1, jnp.int32), x_T)
-    x0, _ = jax.lax.scan(step, x_T, jnp.arange(remaining - 1, -1, -1))
+    x0, _ = jax.lax.scan(step, reset(x_T, given), jnp.arange(remaining - 1, -1, -1))
     return x0
 
 
@@ -179,12 +182,14 @@ def sample_flow(
     x_T: jax.Array | None = None,
     init: jax.Array | None = None,
     start: int = 0,
+    given: tuple[jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
     """Flow matching's reverse ODE from x_1 = noise: keys (B,), shape (T, H, W, C) -> x0 (B, T, H, W, C) float32.
 
     `denoise(x, t)` sees t * flow.TIME_SCALE. `progress(i)` is called after each step, i = 1..steps.
     SDEdit: with `start` > 0 the ODE starts at time t = times[start] of the grid from `init`
-    (B, T, H, W, C) on the straight path, (1 - t) init + t noise, and runs the steps left.
+    (B, T, H, W, C) on the straight path, (1 - t) init + t noise, and runs the steps left. `given`: frame
+    conditioning as `sample` takes it (Heun's corrector also sees the given frames at the Euler point).
     """
     sampler = check_sampler(sampler, steps, 0, "flow")
     times = jnp.asarray(flow.time_grid(steps, shift))  # (S + 1,) from 1 down to 0
@@ -202,14 +207,14 @@ def sample_flow(
     def step(x: jax.Array, i: jax.Array):
         t, t_next = times[i], times[i + 1]
         x0, eps = predict(x, t)
-        x_euler = (1 - t_next) * x0 + t_next * eps  # = x + (t_next - t) (eps - x0)
+        x_euler = reset((1 - t_next) * x0 + t_next * eps, given)  # = x + (t_next - t) (eps - x0)
         if sampler == "heun":
             def corrected(x_euler):
                 x0_next, eps_next = predict(x_euler, t_next)
                 return x + (t_next - t) * 0.5 * ((eps - x0) + (eps_next - x0_next))
 
             # The last step lands on t = 0, where the velocity of x0 and eps predictions is singular: Euler.
-            x_euler = jax.lax.cond(t_next > 0, corrected, lambda x_euler: x_euler, x_euler)
+            x_euler = reset(jax.lax.cond(t_next > 0, corrected, lambda x_euler: x_euler, x_euler), given)
         if progress is not None:
             jax.debug.callback(progress, i + 1)
         return x_euler, None
@@ -217,8 +222,13 @@ def sample_flow(
     x_T = _start_noise(keys, shape, x_T)  # (B, T, H, W, C)
     if start:  # the edited clip on the straight path at the first time run
         x_T = (1 - times[start]) * init.astype(jnp.float32) + times[start] * x_T
-    x0, _ = jax.lax.scan(step, x_T, jnp.arange(start, steps))
+    x0, _ = jax.lax.scan(step, reset(x_T, given), jnp.arange(start, steps))
     return x0
+
+
+def reset(x: jax.Array, given: tuple[jax.Array, jax.Array] | None) -> jax.Array:
+    """x (B, T, H, W, C) with the given frames put back: given = (latents (B, T, H, W, C), mask (B, T)), or None."""
+    return x if given is None else frames.keep_given(x, *given)
 
 
 def sdedit_start(steps: int, strength: float) -> int:

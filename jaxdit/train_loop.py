@@ -13,6 +13,7 @@ names another), so a resumed run does not compile them again.
 """
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -29,10 +30,11 @@ from jaxdit import codec as codecs
 from jaxdit import frozen_text
 from jaxdit.checkpoint import IMPORT_RECORD, Checkpointer
 from jaxdit.codec import frozen_codec_state, make_codec
-from jaxdit.config import Config, ConfigError
-from jaxdit.data.buckets import Bucket, make_buckets
+from jaxdit.config import Config, ConfigError, parse_condition
+from jaxdit.data.buckets import Bucket, make_buckets, shape_name
 from jaxdit.data.judge import ADHERENCE_RATES, one_object_prompts, summary
 from jaxdit.data.pipeline import PlannedBatches, make_dataset, plan_batches
+from jaxdit.data.shapes import ShapesDataset, still_caption
 from jaxdit.flops import num_tokens
 from jaxdit.metrics import MetricsWriter
 from jaxdit.pipeline import VideoSampler
@@ -66,9 +68,9 @@ def _comparable(name: str, section):
 def latent_shape(config: Config, codec, shape: tuple[int, int, int]) -> tuple[int, int, int, int]:
     """The latents (t, h, w, c) the step sees for clips of `shape` (frames, height, width), or a ConfigError."""
     if config.data.source == "cache":
-        from jaxdit.data.cache_format import LatentCache
+        from jaxdit.data.cache_format import open_cache
 
-        return tuple(LatentCache(config.data.cache).latent_shape)  # (t, h, w, c)
+        return tuple(open_cache(config.data.cache).latent_shape_of(shape))  # (t, h, w, c)
     try:
         return tuple(codec.latent_shape((*shape, 3)))
     except ValueError as error:
@@ -116,15 +118,17 @@ def check_config(config: Config, mesh: jax.sharding.Mesh, codec, buckets: list[B
             except ValueError as error:
                 raise ConfigError(f"data.num_frames / data.size (or data.buckets): {error}") from None
         return
-    if config.data.source == "cache" and config.data.buckets:
+    tails = any(parse_condition(config.train.condition)[kind] for kind in ("last", "first_last", "trail"))
+    if config.data.source == "cache" and tails and codec.factors[0] > 1:
         raise ConfigError(
-            "a latent cache holds clips of one shape: train on it without data.buckets, or on the videos "
-            "(data.source='shapes' or 'folder') with buckets."
+            f"train.condition gives clips' last frames, which the {config.codec.kind} codec (causal, {codec.factors[0]}x "
+            "in time) must encode on their own, from pixels: train on the videos (data.source='shapes' or 'folder'), "
+            "or condition on first frames only (first, lead)."
         )
     for shape in config.data.shapes:
         latents = latent_shape(config, codec, shape)
         for name, length, patch in zip(("frames", "height", "width"), latents[:3], config.model.patch, strict=True):
-            if length % patch:
+            if length % patch and not (name == "frames" and length == 1):  # an image fills a temporal patch (jaxdit.frames)
                 raise ConfigError(
                     f"the codec makes latents of {length} {name} for clips of {'x'.join(map(str, shape))}, which "
                     f"model.variant's patch {config.model.patch} does not divide: change data.num_frames / "
@@ -339,7 +343,7 @@ class _Samples:
         return not (self.shown or self.judged) or self._path(step, ".mp4").exists()
 
     def write(self, step: int, state) -> None:
-        from jaxdit.video_io import write_videos
+        from jaxdit.video_io import write_labelled, write_videos
 
         s = self.config.sample
         if not (self.shown or self.judged):
@@ -357,10 +361,41 @@ class _Samples:
             self.writer.write(step, {f"adherence/{name}": rates[name] for name in ADHERENCE_RATES})
             log.info("step %d: prompt adherence of %d prompts: %s", step, len(self.judged),
                      ", ".join(f"{name} {rates[name]:.2f}" for name in ADHERENCE_RATES))
+        showcase = self._showcase(state, (frames, height, width))
+        if showcase:
+            write_labelled(self._path(step, "_sizes.png"), showcase)
         shown, prompts = (videos[: len(self.shown)], self.shown) if self.shown else (videos, self.judged)
         for suffix in (".png", ".mp4"):  # the mp4 last: its presence marks the step as done
             write_videos(self._path(step, suffix), shown, prompts, fps=s.fps, num_samples=s.num_samples if self.shown else 1)
         log.info("step %d: sample videos of %d prompts in %s", step, len(prompts), self._path(step, ".mp4"))
+
+
+    def _showcase(self, state, shape: tuple[int, int, int]) -> list[tuple[np.ndarray, list[str]]]:
+        """What several buckets and frame conditioning add, each labelled: a video of the first prompt at
+        every other bucket's shape (a still's caption without its motion), and, with frame conditioning on
+        the built-in shapes, image-to-video from the first frames of clips the run never trained on."""
+        s, data = self.config.sample, self.config.data
+        if not s.prompts:
+            return []
+        generate = functools.partial(
+            self.sampler, state.ema, state.model_rngs, seed=self.config.train.seed, sampler=s.sampler, steps=s.steps,
+            eta=s.eta, cfg_scale=s.cfg_scale,
+        )
+        groups = []
+        for frames, height, width in data.shapes:
+            if (frames, height, width) == shape:
+                continue
+            kind = "still" if frames == 1 else "landscape" if width > height else "portrait" if height > width else "square"
+            prompt = still_caption(s.prompts[0]) if frames == 1 and data.source == "shapes" else s.prompts[0]
+            videos = generate([prompt] * s.num_samples, num_frames=frames, height=height, width=width)
+            groups.append((videos, [f"{kind} {shape_name((frames, height, width))}: {prompt}"] * s.num_samples))
+        if self.config.model.frame_condition and data.source == "shapes":
+            clips = [ShapesDataset(seed=data.seed + 1).clip(i, shape) for i in range(len(s.prompts))]  # held out
+            for clip in clips:
+                videos = generate([clip["caption"]], num_frames=shape[0], height=shape[1], width=shape[2],
+                                  head=clip["video"][:1])
+                groups.append((videos, [f"image to video (the first frame given): {clip['caption']}"]))
+        return groups
 
 
 class _StopRequests:

@@ -22,16 +22,17 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from jaxdit import context_parallel, diffusion, flow, host
+from jaxdit import context_parallel, diffusion, flow, frames, host
 from jaxdit.codec import frozen_codec_state  # noqa: F401 (what the step takes as codec_state; callers find it here too)
 from jaxdit.codec.autoencoder import VideoAutoencoder, codec_loss
-from jaxdit.config import Config, TrainConfig
+from jaxdit.config import Config, TrainConfig, parse_condition
 from jaxdit.denoiser import Denoiser
 from jaxdit.sharding import batch_sharding, is_stacked, state_sharding
 
 # optax.apply_if_finite gives up and applies a non-finite update after this many in a row; the
 # training loop stops long before (train.max_bad_steps), so a bad update is never applied.
 _NEVER_GIVE_UP = 2**30
+_CONDITION_STREAM = 4  # folded into a step's key for its frame conditioning (the other draws keep theirs)
 
 
 @struct.dataclass
@@ -137,6 +138,12 @@ def diffusion_loss(
         x0 = batch["latents"]  # (B, T, H, W, C)
     else:
         x0 = jax.lax.stop_gradient(codec.encode(batch["video"]))  # (B, T, H, W, C), the frozen codec
+    latent_frames = x0.shape[1]
+    x0 = frames.pad_frames(x0, config.model.patch[0])  # an image fills a temporal patch as a still clip
+    given = mask = keep = None
+    if config.model.frame_condition:  # each clip's given frames: clean in x_t, out of the loss
+        given, mask = _given_frames(batch, x0, latent_frames, jax.random.fold_in(rng, _CONDITION_STREAM), config, codec)
+        keep = ~mask  # (B, T)
     noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)  # (B, T, H, W, C)
     if d.process == "flow":
         t = flow.sample_time(
@@ -148,21 +155,39 @@ def diffusion_loss(
         schedule = diffusion.make_schedule(d.schedule, d.num_steps)
         t = model_t = diffusion.sample_timesteps(t_rng, x0.shape[0], schedule.num_steps)  # (B,)
         x_t = diffusion.q_sample(schedule, x0, t, noise)  # (B, T, H, W, C)
+    if mask is not None:
+        x_t = frames.keep_given(x_t, given, mask)  # (B, T, H, W, C)
     text = batch.get("text_features")  # (B, L, E) from a cache, or None
     if text is None and text_encoder is not None:
         text = jax.lax.stop_gradient(text_encoder(batch["text_tokens"], batch["text_mask"]))  # (B, L, E)
     nnx.reseed(model, dropout=dropout_rng)
     prediction = model(
         x_t, model_t, text_tokens=batch.get("text_tokens"), text_mask=batch.get("text_mask"), text=text,
-        label=batch.get("label"), train=True,
+        label=batch.get("label"), given=given, given_mask=mask, train=True,
     )  # (B, T, H, W, C or 2C)
     if d.process == "flow":
-        per_example, terms = flow.loss(prediction, x0, x_t, noise, t, prediction=d.prediction)  # (B,)
+        per_example, terms = flow.loss(prediction, x0, x_t, noise, t, prediction=d.prediction, keep=keep)  # (B,)
     else:
         per_example, terms = diffusion.loss(
             schedule, prediction, x0, x_t, noise, t, prediction=d.prediction, learn_sigma=config.model.learn_sigma,
+            keep=keep,
         )  # (B,)
     return per_example.mean(), {name: term.mean() for name, term in terms.items()}
+
+
+def _given_frames(
+    batch: dict, x0: jax.Array, latent_frames: int, rng: jax.Array, config: Config, codec
+) -> tuple[jax.Array, jax.Array]:
+    """Each clip's kind of frame conditioning, drawn from train.condition: (given latents (B, T, H, W, C),
+    mask (B, T) bool of the given frames). An image (one latent frame, maybe padded) has none given."""
+    batch_size, length = x0.shape[:2]
+    if latent_frames == 1:
+        return x0, jnp.zeros((batch_size, length), bool)
+    probabilities = parse_condition(config.train.condition)
+    kinds, mask = frames.draw_masks(rng, batch_size, length, probabilities, config.train.condition_frames)
+    if "latents" in batch:  # a latent cache (check_config refuses trailing references of a causal codec)
+        return x0, mask
+    return frames.reference_latents(codec, batch["video"], x0, kinds, config.train.condition_frames), mask
 
 
 def train_step(

@@ -100,6 +100,22 @@ def _join(parts: Sequence[np.ndarray], axis: int) -> np.ndarray:
     return np.concatenate([piece for part in parts for piece in (gap, part)][1:], axis=axis)
 
 
+def stack_images(images: Sequence[np.ndarray]) -> np.ndarray:
+    """Images (h_i, w_i, 3) of any sizes -> one, each below the last, padded white on the right to the widest."""
+    width = max(image.shape[1] for image in images)
+    padded = [np.pad(image, ((0, 0), (0, width - image.shape[1]), (0, 0)), constant_values=WHITE) for image in images]
+    return _join(padded, axis=0)
+
+
+def write_labelled(path, groups: Sequence[tuple[np.ndarray, Sequence[str]]]) -> pathlib.Path:
+    """One .png of videos of several shapes: each group (uint8 videos (B, T, H, W, 3), a label per video) as
+    `grid_image` draws it, the groups one below the other."""
+    path = check_output_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save_png(path, stack_images([grid_image(videos, labels) for videos, labels in groups]))
+    return path
+
+
 def grid_image(videos: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
     """(B, T, H, W, 3) -> (B * (TEXT_HEIGHT + h), T * (w + GAP) - GAP, 3): a row of frames per video."""
     videos = upscale(videos)  # (B, T, h, w, 3)

@@ -76,6 +76,41 @@ def test_the_cache_gives_the_batches_of_live_encoding(tmp_path, saved_codec):
     np.testing.assert_array_equal(pickle.loads(pickle.dumps(cache))[7]["latents"], cache[7]["latents"])  # grain workers
 
 
+def test_a_cache_of_several_buckets_gives_the_batches_of_live_encoding(tmp_path):
+    from jaxdit.data.cache_format import BucketedLatentCache, open_cache
+    from jaxdit.train_loop import latent_shape
+
+    buckets = ((4, 16, 16), (2, 16, 24), (1, 16, 16))
+    live = config(buckets=buckets, bucket_batches=(2, 2, 2), caption_dropout=0.3)
+    directory = write(tmp_path / "cache", live, num_clips=18)
+    cached = dataclasses.replace(live, data=dataclasses.replace(live.data, source="cache", cache=str(directory)))
+    source = ShapesDataset(num_frames=4, size=16, seed=1, length=18)  # the clips the cache drew, and their buckets
+    live_batches = list(make_dataset(live, num_epochs=1, source=source))
+    cached_batches = list(make_dataset(cached, num_epochs=1))
+    encode = codecs.jitted(codecs.make_codec(live.codec))
+    assert len(cached_batches) == len(live_batches) >= 6
+    assert {got["latents"].shape[1:4] for got in cached_batches} == {(4, 16, 16), (2, 16, 24), (1, 16, 16)}
+    for want, got in zip(live_batches, cached_batches, strict=True):
+        np.testing.assert_array_equal(got["latents"], encode(want["video"]))
+        np.testing.assert_array_equal(got["text_tokens"], want["text_tokens"])
+
+    cache = open_cache(directory)
+    assert isinstance(cache, BucketedLatentCache) and len(cache) == 18 and cache.shapes == list(buckets)
+    assert sorted(set(cache.assignment.tolist())) == [0, 1, 2]
+    i = int(np.flatnonzero(cache.assignment == 1)[0])
+    assert cache[i]["caption"] == source.clip(i, (2, 16, 24))["caption"]
+    assert latent_shape(cached, None, (2, 16, 24)) == (2, 16, 24, 3)
+    assert files(write(tmp_path / "cache", live, num_clips=18)) == files(directory)  # rerun: nothing rewritten
+
+    other = dataclasses.replace(cached, data=dataclasses.replace(cached.data, buckets=buckets[:2], bucket_batches=(2, 2)))
+    with pytest.raises(ConfigError, match="holds the buckets 4x16x16;2x16x24;1x16x16 but this config has"):
+        list(make_dataset(other, num_epochs=1))
+    single = write(tmp_path / "single")
+    one_shape = dataclasses.replace(cached, data=dataclasses.replace(cached.data, cache=str(single)))
+    with pytest.raises(ConfigError, match="holds clips of one shape"):
+        list(make_dataset(one_shape, num_epochs=1))
+
+
 class Interrupted:
     """The shapes data, but reading clip `at` fails, as a killed writer would stop."""
 

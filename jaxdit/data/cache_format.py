@@ -16,6 +16,16 @@ Layout of a cache directory (clip i lives in shard i // shard_size):
     null_text.npz         with a frozen text encoder: tokens, mask and features of the empty caption (what a
                           dropped caption becomes)
 
+A cache of several clip shapes (data.buckets) holds one such cache per bucket, each a folder of its own,
+and which bucket each clip went to:
+
+    cache.json            num_clips, the bucket shapes, the codec, data and text as above
+    assignment.npy        int32 (num_clips,): each clip's bucket (-1: it fit none and was skipped)
+    bucket_8x32x48/       a cache as above of that bucket's clips, in order (its cache.json records the bucket)
+    bucket_1x32x32/ ...
+
+`open_cache` opens either kind; `BucketedLatentCache` reads the second.
+
 The reader checks a run's config against what the cache records (its codec, tokenizer, clip
 shape) and names what to change when they differ.
 """
@@ -32,6 +42,7 @@ from jaxdit.codec.directory import describe
 from jaxdit.config import Config, ConfigError
 
 HEADER = "cache.json"
+ASSIGNMENT = "assignment.npy"
 LATENTS, TOKENS, MASK, LABELS = "latents.npy", "text_tokens.npy", "text_mask.npy", "labels.npy"
 CAPTIONS = "captions.json"
 FEATURES, NULL_TEXT = "text_features.npy", "null_text.npz"
@@ -43,6 +54,19 @@ _OPEN_SHARDS = 32  # shards a LatentCache keeps memory-mapped (each holds a few 
 
 def shard_name(k: int) -> str:
     return f"shard_{k:05d}"
+
+
+def bucket_folder(shape) -> str:
+    """(8, 32, 48) -> 'bucket_8x32x48', where a bucketed cache keeps that bucket's clips."""
+    return "bucket_" + "x".join(str(int(n)) for n in shape)
+
+
+def open_cache(directory):
+    """The cache written in `directory`: a `LatentCache` of one clip shape or a `BucketedLatentCache`."""
+    path = pathlib.Path(directory) / HEADER
+    if path.is_file() and "bucket_shapes" in json.loads(path.read_text()):
+        return BucketedLatentCache(directory)
+    return LatentCache(directory)
 
 
 def codec_record(config: Config) -> dict:
@@ -84,6 +108,7 @@ class LatentCache:
         self.info = json.loads((path / HEADER).read_text())
         self.num_clips, self.shard_size = self.info["num_clips"], self.info["shard_size"]
         self.latent_shape = tuple(self.info["latent_shape"])  # (t, h, w, c)
+        self.bucket = tuple(self.info["bucket"]) if self.info.get("bucket") else None  # (F, H, W): a bucket's clips
         missing = [shard_name(k) for k in range(self.info["num_shards"]) if not (path / shard_name(k)).is_dir()]
         if missing:
             raise FileNotFoundError(
@@ -180,12 +205,21 @@ class LatentCache:
                 f"{config.model.in_channels}: set --model.in_channels {channels}, {rewrite}."
             )
         data = self.info["data"]
+        if config.data.buckets:
+            raise ConfigError(
+                f"{where} holds clips of one shape, {data['num_frames']} frames of {data['size']}x{data['size']} "
+                f"pixels, but this config lists data.buckets: train on it without them, or {write} (with the buckets)."
+            )
         if (data["num_frames"], data["size"]) != (config.data.num_frames, config.data.size):
             raise ConfigError(
                 f"{where} holds clips of {data['num_frames']} frames of {data['size']}x{data['size']} pixels but this "
                 f"config has data.num_frames={config.data.num_frames}, data.size={config.data.size}: set "
                 f"--data.num_frames {data['num_frames']} --data.size {data['size']}, {rewrite}."
             )
+
+    def latent_shape_of(self, shape) -> tuple[int, ...]:
+        """The latents (t, h, w, c) of the clips of `shape` (frames, height, width): this cache's one shape."""
+        return self.latent_shape
 
     def _check_text_encoder(self, config: Config, where: str, write: str) -> None:
         from jaxdit import frozen_text
@@ -208,3 +242,78 @@ class LatentCache:
 
     def __repr__(self) -> str:
         return f"LatentCache({self.directory!r}: {self.num_clips} clips of latents {self.latent_shape})"
+
+
+class BucketedLatentCache:
+    """A cache of several clip shapes (module docstring): `cache.clip(i, shape)` -> clip i as `LatentCache`
+    gives it, from its bucket's cache. `shapes` and `assignment` (each clip's bucket, -1: none) are what a
+    data plan assigns clips by (`jaxdit.data.pipeline.assignment`), as for a video folder."""
+
+    def __init__(self, directory):
+        self.directory = str(directory)
+        path = pathlib.Path(directory)
+        self.info = json.loads((path / HEADER).read_text())
+        self.num_clips = self.info["num_clips"]
+        self.shapes = [tuple(shape) for shape in self.info["bucket_shapes"]]
+        if not (path / ASSIGNMENT).is_file():
+            raise FileNotFoundError(
+                f"the latent cache {self.directory!r} is incomplete: {ASSIGNMENT} (each clip's bucket) is missing. "
+                f"Rerun the command that wrote it (`{WRITE_COMMAND}`): it writes only what is missing."
+            )
+        self.assignment = np.load(path / ASSIGNMENT)  # (num_clips,) int32
+        counts = np.bincount(self.assignment[self.assignment >= 0], minlength=len(self.shapes))
+        self.buckets = [LatentCache(path / bucket_folder(shape)) if count else None
+                        for shape, count in zip(self.shapes, counts, strict=True)]
+        # Clip i is clip rank[i] of its bucket's cache: the clips keep their order within a bucket.
+        self._rank = np.zeros(self.num_clips, np.int64)
+        for b in range(len(self.shapes)):
+            where = self.assignment == b
+            self._rank[where] = np.arange(where.sum())
+        opened = [cache for cache in self.buckets if cache is not None]
+        self.text_encoder = opened[0].text_encoder if opened else None
+        self.null_text = opened[0].null_text if opened else None
+
+    def __len__(self) -> int:
+        return self.num_clips
+
+    def clip(self, i: int, shape) -> dict:
+        b = int(self.assignment[i])
+        if b < 0 or self.shapes[b] != tuple(shape):
+            raise IndexError(f"clip {i} of the latent cache {self.directory!r} is not in bucket {tuple(shape)}.")
+        return self.buckets[b][int(self._rank[i])]
+
+    def __getitem__(self, i: int) -> dict:
+        return self.clip(i, self.shapes[int(self.assignment[i])])
+
+    def latent_shape_of(self, shape) -> tuple[int, ...]:
+        """The latents (t, h, w, c) of the clips of `shape` (frames, height, width), one of the buckets."""
+        shape = tuple(shape)
+        if shape not in self.shapes:
+            raise ConfigError(
+                f"the latent cache {self.directory!r} holds the buckets {', '.join(map(str, self.shapes))}, not "
+                f"{shape}: set data.buckets to its shapes, or write a cache for this config with `{WRITE_COMMAND}`."
+            )
+        cache = self.buckets[self.shapes.index(shape)]
+        return tuple(self.info["latent_shapes"][self.shapes.index(shape)]) if cache is None else cache.latent_shape
+
+    def check(self, config: Config) -> None:
+        """A ConfigError unless a run of `config` can train on these latents: every bucket's checks, and
+        the run's buckets are the cache's."""
+        where = f"the latent cache {self.directory!r}"
+        if [tuple(shape) for shape in config.data.shapes] != self.shapes:
+            raise ConfigError(
+                f"{where} holds the buckets {';'.join('x'.join(map(str, s)) for s in self.shapes)} but this config has "
+                f"{';'.join('x'.join(map(str, s)) for s in config.data.shapes)}: set --data.buckets to the cache's, "
+                f"or write a cache for this config with `{WRITE_COMMAND}`."
+            )
+        single = dataclasses.replace(config, data=dataclasses.replace(config.data, buckets=(), bucket_batches=(),
+                                                                         bucket_keep=(), bucket_tokens=0))
+        for cache in self.buckets:
+            if cache is not None:
+                cache.check(dataclasses.replace(single, data=dataclasses.replace(
+                    single.data, num_frames=cache.info["data"]["num_frames"], size=cache.info["data"]["size"])))
+
+    def __repr__(self) -> str:
+        counts = np.bincount(self.assignment[self.assignment >= 0], minlength=len(self.shapes))
+        parts = ", ".join(f"{'x'.join(map(str, s))}: {n}" for s, n in zip(self.shapes, counts, strict=True))
+        return f"BucketedLatentCache({self.directory!r}: {self.num_clips} clips; {parts})"

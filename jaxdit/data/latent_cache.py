@@ -30,6 +30,7 @@ from flax import nnx
 from jaxdit import frozen_text
 from jaxdit.config import Config, ConfigError
 from jaxdit.data.cache_format import (  # noqa: F401 (LatentCache: the reader of what this module writes)
+    ASSIGNMENT,
     CAPTIONS,
     FEATURES,
     FORMAT,
@@ -42,6 +43,7 @@ from jaxdit.data.cache_format import (  # noqa: F401 (LatentCache: the reader of
     TOKENS,
     WRITE_COMMAND,
     LatentCache,
+    bucket_folder,
     codec_record,
     shard_name,
     to_bfloat16_bits,
@@ -217,6 +219,63 @@ def write_cache(
     if num_clips > len(source):
         raise ValueError(f"--num-clips {num_clips} is more than the {len(source)} clips of the data source; lower it.")
     codec = make_codec(config.codec)
+    shards = dict(shard_size=shard_size, batch_size=batch_size, process_index=process_index,
+                  process_count=process_count, progress=progress)
+    if config.data.buckets:
+        return _write_buckets(config, source, codec, pathlib.Path(out), num_clips=num_clips, **shards)
+    return _write_clips(config, source, codec, pathlib.Path(out), num_clips=num_clips, **shards)
+
+
+class _BucketClips:
+    """Clips `indices` of a source, drawn at one bucket's `shape`: what one bucket's cache encodes."""
+
+    def __init__(self, source, indices: np.ndarray, shape: tuple[int, int, int]):
+        self.source, self.indices, self.shape = source, indices, shape
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, j: int) -> dict:
+        return self.source.clip(int(self.indices[j]), self.shape)
+
+
+def _write_buckets(config: Config, source, codec, directory: pathlib.Path, *, num_clips: int, **shards) -> pathlib.Path:
+    """A cache of several clip shapes: each clip's bucket as a data plan assigns it, then one cache a bucket
+    of its clips (cache_format's layout). Every process computes the same assignment."""
+    from jaxdit.data.buckets import Bucket
+    from jaxdit.data.pipeline import assignment
+
+    shapes = list(config.data.shapes)
+    buckets = [Bucket(shape, 1) for shape in shapes]
+    assigned = assignment(source, buckets, config.data.seed, count=num_clips)[:num_clips].astype(np.int32)  # (N,)
+    latent_shapes = [codec.latent_shape((*shape, 3)) for shape in shapes]  # a shape the codec rejects fails here
+    header = {**_header(config, num_clips=num_clips, shard_size=shards["shard_size"], latent_shape=(),
+                        has_labels=False),
+              "bucket_shapes": [list(shape) for shape in shapes], "latent_shapes": [list(s) for s in latent_shapes]}
+    for key in ("latent_shape", "has_labels", "num_shards"):
+        header.pop(key)
+    directory.mkdir(parents=True, exist_ok=True)
+    _check_resume(directory, header)
+    if shards["process_index"] == 0:
+        if not (directory / ASSIGNMENT).is_file():
+            with open(directory / (ASSIGNMENT + _TMP_SUFFIX), "wb") as file:
+                np.save(file, assigned)
+            os.replace(directory / (ASSIGNMENT + _TMP_SUFFIX), directory / ASSIGNMENT)
+        if not (directory / HEADER).is_file():
+            _write_json_atomically(directory / HEADER, header)
+    for b, shape in enumerate(shapes):
+        indices = np.flatnonzero(assigned == b)
+        if len(indices):
+            _write_clips(config, _BucketClips(source, indices, shape), codec, directory / bucket_folder(shape),
+                         num_clips=len(indices), bucket=shape, **shards)
+    return directory
+
+
+def _write_clips(
+    config: Config, source, codec, directory: pathlib.Path, *, num_clips: int, shard_size: int, batch_size: int,
+    process_index: int, process_count: int, progress: bool, bucket: tuple[int, int, int] | None = None,
+) -> pathlib.Path:
+    """Clips 0..num_clips-1 of `source` (all of one shape) into the shards of one cache in `directory`."""
     batch_size = min(batch_size, shard_size, num_clips)
     first = source[0]
     videos = jax.ShapeDtypeStruct((batch_size, *first["video"].shape), first["video"].dtype)  # (B, T, H, W, 3)
@@ -224,7 +283,8 @@ def write_cache(
     header = _header(
         config, num_clips=num_clips, shard_size=shard_size, latent_shape=latents.shape[1:], has_labels="label" in first
     )
-    directory = pathlib.Path(out)
+    if bucket is not None:
+        header["bucket"] = list(bucket)
     directory.mkdir(parents=True, exist_ok=True)
     _check_resume(directory, header)
     if process_index == 0 and not (directory / HEADER).is_file():
@@ -288,14 +348,19 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
-    written = [k for k in mine if k not in there]
-    clips = sum(min(args.shard_size, args.num_clips - k * args.shard_size) for k in written)
-    print(f"wrote {clips} clips in {len(written)} shards to {directory} ({len(there)} shards were already there)")
     header = json.loads((directory / HEADER).read_text()) if (directory / HEADER).is_file() else None
+    if header is not None and "bucket_shapes" in header:
+        print(f"wrote this process's shards of {args.num_clips} clips in {len(header['bucket_shapes'])} buckets to "
+              f"{directory} (shards already there were kept)")
+    else:
+        written = [k for k in mine if k not in there]
+        clips = sum(min(args.shard_size, args.num_clips - k * args.shard_size) for k in written)
+        print(f"wrote {clips} clips in {len(written)} shards to {directory} ({len(there)} shards were already there)")
     if process_index == 0 and header is not None:
         train = ["python", "train.py", "--config", args.config, *overrides]  # the same clips: the same overrides
         train += ["--data.source", "cache", "--data.cache", str(directory)]
-        print(f"latents {tuple(header['latent_shape'])} per clip; train from them with:\n  {shlex.join(train)}")
+        shapes = header.get("latent_shapes", [header.get("latent_shape")])
+        print(f"latents {', '.join(str(tuple(s)) for s in shapes)} per clip; train from them with:\n  {shlex.join(train)}")
     return 0
 
 

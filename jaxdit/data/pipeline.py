@@ -35,9 +35,9 @@ def make_source(data: DataConfig):
     (a latent cache: `{"latents", "caption", "text_tokens", "text_mask"}`); the shapes and a video
     folder also give `source.clip(i, shape)` at any bucket's shape."""
     if data.source == "cache":
-        from jaxdit.data.cache_format import LatentCache
+        from jaxdit.data.cache_format import open_cache
 
-        return LatentCache(data.cache)
+        return open_cache(data.cache)
     if data.source == "shapes":
         from jaxdit.data.shapes import ShapesDataset
 
@@ -120,14 +120,16 @@ class PlannedBatches:
         return self[k]
 
 
-def assignment(source, buckets: list[Bucket], seed: int) -> np.ndarray | None:
+def assignment(source, buckets: list[Bucket], seed: int, count: int | None = None) -> np.ndarray | None:
     """Each clip's bucket for the plan (None: an endless source, whose clips are drawn per epoch).
 
-    A video folder assigns its clips by their native shapes; the built-in shapes, drawn at any shape, get
-    a bucket drawn for each clip; any other source gives clips of one shape: one bucket.
+    A video folder (or a latent cache of several shapes) assigns its clips by their native shapes; the
+    built-in shapes, drawn at any shape, get a bucket drawn for each clip; any other source gives clips of
+    one shape: one bucket. `count`: the first `count` clips of an endless source get a bucket each (what a
+    latent cache of it stores).
     """
     if getattr(source, "endless", False):
-        return None
+        return None if count is None else np.random.default_rng([seed, _ASSIGN_STREAM]).integers(len(buckets), size=count)
     if hasattr(source, "assignment"):
         if [tuple(s) for s in source.shapes] != [b.shape for b in buckets]:
             raise ValueError(f"the source's shapes {source.shapes} are not the buckets {[b.shape for b in buckets]}.")
@@ -164,10 +166,10 @@ def plan_batches(
             raise ValueError("give the global batch size, or the buckets with their batches.")
         buckets = make_buckets(data, batch_size=global_batch_size or 0, devices=1)
     source = make_source(data) if source is None else source
-    from jaxdit.data.cache_format import LatentCache
+    from jaxdit.data.cache_format import BucketedLatentCache, LatentCache
 
     null_text = None
-    if isinstance(source, LatentCache):  # written with this run's codec and tokenizer?
+    if isinstance(source, LatentCache | BucketedLatentCache):  # written with this run's codec and tokenizer?
         source.check(config)
         null_text = source.null_text
     plan = Plan(buckets, assignment(source, buckets, data.seed), seed=data.seed, shuffle=data.shuffle)

@@ -15,6 +15,7 @@ supersampling; interior pixels are exactly the pure colour.
 
 import dataclasses
 import operator
+import re
 
 import numpy as np
 
@@ -55,6 +56,11 @@ def caption_of(objects: list[MovingObject]) -> str:
     return " and ".join(
         f"a {o.size} {o.colour} {o.shape}" + (f" moving {o.direction}" if o.direction else "") for o in objects
     )
+
+
+def still_caption(caption: str) -> str:
+    """The caption of a still of the same objects: every motion clause dropped."""
+    return re.sub(r" moving \w+", "", caption)
 
 
 def sample_objects(rng: np.random.Generator, height: int, width: int, max_objects: int, *,
