@@ -10,7 +10,8 @@ still, the captions without motion); each generated video is judged by `jaxdit.d
 scores 100% on the real clips). Prints one line of pass rates per (shape, cfg scale, steps) setting,
 with the sampling time (compile included). A run trained with frame conditioning is also prompted with
 the first frames of held-out clips of the first video shape and their captions: a line of the same
-rates, and the PSNR of each video's first frame against the given one (the smallest and the mean).
+rates, the PSNR of each video's first frame against the given one (the smallest and the mean), and how
+often the object of the second frame is where the real clip has it (continuity from the image).
 Then, for the last setting, which shape the judge read for each shape asked (rows: asked; columns:
 read; "-": too faint on too many frames to measure).
 """
@@ -88,6 +89,7 @@ def main(argv=None) -> None:
 
 
 HELD_OUT_SEED = 10_000  # the data seed of the clips whose first frames prompt image-to-video (training: data.seed)
+CONTINUOUS = 0.1  # a second frame's object this close to the real one's (in short sides) continues the image
 
 
 def image_to_video(pipe, shape, count: int, setting, sampler: str, seed: int):
@@ -96,7 +98,7 @@ def image_to_video(pipe, shape, count: int, setting, sampler: str, seed: int):
     import numpy as np
 
     from jaxdit.codec.base import psnr, to_float
-    from jaxdit.data.judge import judge_all, rates
+    from jaxdit.data.judge import centroids, judge_all, parse_caption, rates
     from jaxdit.data.shapes import ShapesDataset
 
     frames, height, width = shape
@@ -115,10 +117,18 @@ def image_to_video(pipe, shape, count: int, setting, sampler: str, seed: int):
     db = np.asarray(psnr(to_float(videos[:, :1]), to_float(first[:, None])))  # (count,)
     verdicts = judge_all(videos, captions)
     passed = rates(verdicts)
+    # Continuity: the object of the second frame against where the real clip has it, in short sides.
+    jumps = np.array([
+        np.linalg.norm(centroids(video, parse_caption(clip["caption"])[0].colour)[1]
+                       - centroids(clip["video"], parse_caption(clip["caption"])[0].colour)[1]) / min(height, width)
+        for video, clip in zip(videos, clips, strict=True)
+    ])  # (count,), nan where the object is missing
     print(
         f"{'image-to-video':14s} {sampler:7s} {steps:6d} {cfg_scale:5.1f}  {passed['colour']:6.2f}  "
         f"{passed['direction']:6.2f}  {passed['shape']:6.2f}  {passed['size']:6.2f}  {passed['all']:6.2f}  "
-        f"{seconds:8.1f}   first frame PSNR: min {db.min():.1f} dB, mean {db.mean():.1f} dB"
+        f"{seconds:8.1f}\n  first frame PSNR against the given one: min {db.min():.1f} dB, mean {db.mean():.1f} dB; "
+        f"second frame's object within {CONTINUOUS:.0%} of the short side of the real clip's: "
+        f"{np.mean(jumps <= CONTINUOUS):.2f} of clips (median distance {np.nanmedian(jumps):.2f})"
     )
     return videos, verdicts, captions
 

@@ -1,20 +1,28 @@
-"""The default run: a small text-to-video model on the built-in moving shapes, in pixel space.
+"""The default run: a small text-to-video model on the built-in moving shapes, in pixel space, on clips
+of several shapes and on images, and prompted with images and clips.
 
-8 frames of 32x32 pixels are cut into 2x8x8 spacetime patches (64 tokens) for a 4-block model of
-width 128, conditioned by adaLN-Zero on the timestep and the pooled caption of a 1-block byte-level
-text encoder. The recipe (docs/quality.md, "The recipe, and why each part is there"): flow matching that
-predicts the clean clip (x0, velocity loss), logit-normal times shifted toward noise (s = 3); 3-D
-rotary positions with QK-norm, which let the tokens of one clip agree on one object, plus sin-cos
-positions, from which the prediction at pure noise draws a layout that moves; the input scaled by its
-signal share (1 - t), so that noise does not drown those positions; and a hashed bag of caption
-bigrams in the pooled caption, so that the direction word reaches the condition vector as strongly as
-the colour word. The clips hold one object, whose four words the pooled caption carries whole, so the
-blocks have no cross-attention to the text tokens (it cost a third of the step for no gain in
-adherence; configs/shapes.py, with two objects, keeps it). Batch 8 with AdamW at 3e-3 and beta2 0.95,
-guidance 2. 12000 steps: 13-16 minutes for the whole command on 2 CPU cores (docs/quality.md, "The default run").
+Four buckets (jaxdit.data.buckets), one shape per step: 8 frames of 32x32 (square), 32x48 (landscape)
+and 48x32 (portrait) pixels, and still images (32x32), each a bucket drawn for a quarter of the clips;
+a token budget of 512 a step gives batches of 8, 5, 5 and 32. The clips are cut into 2x8x8 spacetime
+patches (64 tokens for the square) for a 4-block model of width 128, conditioned by adaLN-Zero on the
+timestep and the pooled caption of a 1-block byte-level text encoder; an image's one frame is repeated
+to fill the 2-frame patch. Frame conditioning (jaxdit.frames): a share of the clips is trained with
+frames given (mostly the first: image-to-video; also the last, both, or a leading or trailing clip of 2
+frames), so the run can be prompted with an image or a clip.
 
-Sample videos of PROMPTS are written to runs/shapes_tiny/samples/ every 2000 steps and at the
-end, with the prompt-adherence rates of 16 fixed prompts logged beside the loss.
+The recipe (docs/quality.md, "The recipe, and why each part is there"): flow matching that predicts the
+clean clip (x0, velocity loss), logit-normal times shifted toward noise (s = 3); 3-D rotary positions
+with QK-norm, which let the tokens of one clip agree on one object, plus sin-cos positions, from which
+the prediction at pure noise draws a layout that moves; the input scaled by its signal share (1 - t), so
+that noise does not drown those positions; and a hashed bag of caption bigrams in the pooled caption, so
+that the direction word reaches the condition vector as strongly as the colour word. The clips hold one
+object, whose four words the pooled caption carries whole, so the blocks have no cross-attention to the
+text tokens (configs/shapes.py, with two objects, keeps it). AdamW at 3e-3 and beta2 0.95, guidance 2.
+About 14 minutes for the whole command on 2 CPU cores (docs/quality.md, "The default run").
+
+Sample videos of PROMPTS are written to runs/shapes_tiny/samples/ every 2000 steps and at the end
+(step_N.png, .mp4), with the landscape, portrait, still and image-to-video examples labelled in
+step_N_sizes.png, and the prompt-adherence rates of 16 fixed prompts logged beside the loss.
 
 Run: python train.py                         (this config, into runs/shapes_tiny/)
      python train.py --train.steps 20000     (longer; resumes where the last run stopped)
@@ -44,9 +52,9 @@ def get_config() -> Config:
         text=TextConfig(max_length=48, depth=1, heads=4, bigram_buckets=4096),
         data=DataConfig(source="shapes", num_frames=8, size=32, buckets=BUCKETS, bucket_tokens=512),
         train=TrainConfig(
-            steps=11000, batch_size=8, learning_rate=3e-3, adam_b2=0.95, warmup_steps=100, lr_schedule="cosine",
+            steps=11500, batch_size=8, learning_rate=3e-3, adam_b2=0.95, warmup_steps=100, lr_schedule="cosine",
             ema_decay=0.995, checkpoint_every=1000, log_every=50,
-            condition="first=0.2,last=0.05,first_last=0.05,lead=0.05,trail=0.05", condition_frames=2,
+            condition="first=0.15,last=0.025,first_last=0.025,lead=0.025,trail=0.025", condition_frames=2,
         ),
         sample=SampleConfig(prompts=PROMPTS, every=2000, steps=50, cfg_scale=2.0, judge_prompts=16),
     )

@@ -302,8 +302,8 @@ def _uint8_frames(name: str, array, ndim: int) -> np.ndarray:
     """A uint8 image (H, W, 3) (ndim 3) or clip (T, H, W, 3) (ndim 4), or an error naming it."""
     array = np.asarray(array)
     if array.dtype != np.uint8 or array.ndim != ndim or array.shape[-1] != 3:
-        what = "an image (H, W, 3)" if ndim == 3 else "a clip (T, H, W, 3)"
-        raise ValueError(f"{name} must be uint8 {what}; got {array.dtype} {array.shape}.")
+        what = "a uint8 image (H, W, 3)" if ndim == 3 else "a uint8 clip (T, H, W, 3)"
+        raise ValueError(f"{name} must be {what}; got {array.dtype} {array.shape}.")
     return array
 
 

@@ -354,6 +354,7 @@ class _Samples:
             state.ema, state.model_rngs, self.shown + self.judged, seed=self.config.train.seed, sampler=s.sampler,
             steps=s.steps, eta=s.eta, cfg_scale=s.cfg_scale, num_frames=frames, height=height, width=width,
         )  # (P * S + J, T, H, W, 3) uint8, on every process
+        showcase = self._showcase(state, (frames, height, width))  # every process runs the programs
         if not self.enabled:
             return
         if self.judged:
@@ -361,7 +362,6 @@ class _Samples:
             self.writer.write(step, {f"adherence/{name}": rates[name] for name in ADHERENCE_RATES})
             log.info("step %d: prompt adherence of %d prompts: %s", step, len(self.judged),
                      ", ".join(f"{name} {rates[name]:.2f}" for name in ADHERENCE_RATES))
-        showcase = self._showcase(state, (frames, height, width))
         if showcase:
             write_labelled(self._path(step, "_sizes.png"), showcase)
         shown, prompts = (videos[: len(self.shown)], self.shown) if self.shown else (videos, self.judged)

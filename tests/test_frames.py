@@ -252,7 +252,7 @@ def test_still_images_are_sampled_through_a_padded_patch(pipe):
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"image": np.zeros((8, 8, 3), np.uint8), "height": 16}, r"image is 8x8 pixels, but the videos asked for are 16x"),
-    ({"image": np.zeros((16, 16, 3), np.float32)}, "image must be uint8 an image"),
+    ({"image": np.zeros((16, 16, 3), np.float32)}, "image must be a uint8 image"),
     ({"image": np.zeros((16, 16, 3), np.uint8), "num_frames": 1}, "an image .one frame. cannot be prompted"),
     ({"video": np.zeros((1, 16, 16, 3), np.uint8)}, "gives 1 frames, but this run continues clips from 2"),
     ({"video": np.zeros((4, 16, 16, 3), np.uint8), "image": np.zeros((16, 16, 3), np.uint8)}, "drop image="),

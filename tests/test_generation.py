@@ -133,6 +133,8 @@ def test_ddim_with_eta_one_is_ddpm_and_eta_zero_is_not(pipe):
         ({"size": 16, "height": 16}, r"give size \(a square\) or height and width, not both"),
         ({"num_frames": 0}, "cannot make videos of 0 frames"),
         ({"num_samples": 0}, "num_samples >= 1"),
+        ({"image": np.zeros((16, 16, 3), np.uint8)}, "trained with no frame conditioning .* --model.frame_condition true"),
+        ({"video": np.zeros((4, 16, 16, 3), np.uint8)}, "trained with no frame conditioning"),
     ],
 )
 def test_bad_generation_requests_are_named(pipe, kwargs, message):

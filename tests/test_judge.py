@@ -6,7 +6,16 @@ import math
 import numpy as np
 import pytest
 
-from jaxdit.data.judge import CaptionObject, Verdict, judge, judge_all, one_object_prompts, parse_caption, summary
+from jaxdit.data.judge import (
+    CaptionObject,
+    Verdict,
+    centroids,
+    judge,
+    judge_all,
+    one_object_prompts,
+    parse_caption,
+    summary,
+)
 from jaxdit.data.judge import rates as judge_rates
 from jaxdit.data.shapes import COLOURS, SHAPES, MovingObject, ShapesDataset, caption_of, render
 
@@ -70,6 +79,14 @@ def test_ground_truth_passes_at_any_frame_size_and_for_stills(shape):
             judge(clips[0]["video"], clips[0]["caption"] + " moving left")
     else:
         assert fractions["direction"] >= GROUND_TRUTH
+
+
+def test_centroids_follow_the_object_and_are_nan_where_it_is_absent():
+    obj = MovingObject("large", "red", "square", "right", (4.0, 10.0), (30.0, 10.0))
+    video = render([obj], 6, 32, 48)  # (6, 32, 48, 3)
+    xy = centroids(video, "red")  # (6, 2)
+    assert xy.shape == (6, 2) and np.all(np.diff(xy[:, 0]) > 0) and np.allclose(xy[:, 1], xy[0, 1], atol=0.5)
+    assert np.isnan(centroids(video, "blue")).all()
 
 
 def test_still_prompts_have_no_motion_clause():

@@ -201,4 +201,5 @@ def test_two_processes_train_like_one(tmp_path):
     assert sorted(one) == sorted(two) == [1, 2, 3]
     np.testing.assert_allclose([two[s] for s in (1, 2, 3)], [one[s] for s in (1, 2, 3)], rtol=1e-5)
     for run in ("one", "two"):  # sampled over every device of every process, written once
-        assert sorted(p.name for p in (tmp_path / run / "samples").iterdir()) == ["step_0000003.mp4", "step_0000003.png"]
+        assert sorted(p.name for p in (tmp_path / run / "samples").iterdir()) == [
+            "step_0000003.mp4", "step_0000003.png", "step_0000003_sizes.png"]  # the other buckets labelled

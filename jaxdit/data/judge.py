@@ -221,6 +221,15 @@ def judge(video: np.ndarray, caption: str) -> list[Verdict]:
     return verdicts
 
 
+def centroids(video: np.ndarray, colour: str) -> np.ndarray:
+    """Where the object of `colour` is in each frame of a uint8 (T, H, W, 3) clip: float (T, 2) (x, y) in
+    pixels, as the judge measures it (nan where the colour is absent)."""
+    labels, brightness = _classify_pixels(np.asarray(video))  # (T, H, W) each
+    measures = _frame_measures(_object_mass(labels == list(COLOURS).index(colour), brightness))
+    xy = np.stack([measures["cx"], measures["cy"]], axis=-1)  # (T, 2)
+    return np.where((measures["area"] > 0)[:, None], xy, np.nan)
+
+
 def judge_all(videos, captions) -> list[Verdict]:
     """`judge` of each video against its caption: the verdicts of every object of every video, in order."""
     videos, captions = list(videos), list(captions)
