@@ -79,8 +79,10 @@ def reference_latents(codec, video: jax.Array, latents: jax.Array, kinds: jax.Ar
         return latents
     frames = latents.shape[1]
     k = min(clip_frames, frames - 1)
+    tails = {1: ["last", "first_last"]}  # latent frames at the end -> the kinds that give them
+    tails.setdefault(k, []).append("trail")
     references = latents
-    for kind_names, count in ((("last", "first_last"), 1), (("trail",), k)):
+    for count, kind_names in tails.items():  # each tail encoded once, whichever kinds use it
         pixels = 1 + ft * (count - 1)  # a causal codec's pixel frames for `count` latent frames
         tail = jax.lax.stop_gradient(codec.encode(video[:, -pixels:]))  # (B, count, H, W, C)
         placed = jnp.concatenate([latents[:, : frames - count], tail], axis=1)  # (B, T, H, W, C)

@@ -288,7 +288,7 @@ class VideoSampler:
             context_parallel.traced_on(self.mesh, generate),
             in_shardings=(
                 self.param_shardings, replicated, replicated, text_shardings, batched, batched, batched, replicated,
-                replicated, *((replicated,) * (editing + (layout[0] is not None) + (layout[1] is not None))),
+                replicated, *((replicated,) * (editing + sum(count is not None for count in layout))),
             ),
             out_shardings=batched,
             compiler_options=host.compiler_options(self.mesh.devices.flat[0].platform),

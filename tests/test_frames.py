@@ -149,6 +149,35 @@ def test_an_image_in_a_two_frame_patch_is_a_still_clip_with_nothing_given():
     assert not np.asarray(model.seen["given_mask"]).any()
 
 
+class _CausalCodec:
+    """A causal 2x-in-time codec of one channel: latent 0 is pixel frame 0, latent j is frame 2j plus half of 2j - 1."""
+
+    factors = (2, 1, 1)
+
+    def encode(self, video):
+        video = jnp.asarray(video, jnp.float32)[..., :1]  # (B, F, H, W, 1)
+        rest = video[:, 2::2] + 0.5 * video[:, 1::2]
+        return jnp.concatenate([video[:, :1], rest], axis=1)  # (B, 1 + (F - 1) / 2, H, W, 1)
+
+
+def test_with_a_causal_codec_the_last_frames_are_encoded_on_their_own():
+    codec = _CausalCodec()
+    video = jax.random.uniform(jax.random.key(0), (4, 7, 2, 2, 3))  # 7 frames -> 4 latent frames
+    latents = codec.encode(video)
+    kinds = jnp.asarray([KINDS["first"], KINDS["last"], KINDS["trail"], KINDS["first_last"]])
+    references = np.asarray(frames.reference_latents(codec, video, latents, kinds, clip_frames=2))
+    np.testing.assert_array_equal(references[0], latents[0])  # a leading reference is the clip's causal head
+    np.testing.assert_array_equal(references[1, -1:], codec.encode(video[1:2, -1:])[0])  # the last frame alone
+    np.testing.assert_array_equal(references[3, -1:], codec.encode(video[3:4, -1:])[0])
+    np.testing.assert_array_equal(references[2, -2:], codec.encode(video[2:3, -3:])[0])  # 3 pixels -> 2 latents
+    assert not np.allclose(references[1, -1:], latents[1, -1:])  # not the clip's own last latent frame
+    np.testing.assert_array_equal(frames.reference_latents(_IdentityTime(), video, latents, kinds, 2), latents)
+
+
+class _IdentityTime:
+    factors = (1, 1, 1)
+
+
 def test_config_names_a_condition_without_the_model_input_and_the_reverse():
     config = load_config(ROOT / "configs" / "tiny.py")
     with pytest.raises(ValueError, match="needs model.frame_condition=True"):

@@ -177,6 +177,24 @@ class LatentCache:
 
     def check(self, config: Config) -> None:
         """A ConfigError unless a run of `config` can train on these latents."""
+        where, write = self._check_encoding(config)
+        rewrite = f"or {write}"
+        data = self.info["data"]
+        if config.data.buckets:
+            raise ConfigError(
+                f"{where} holds clips of one shape, {data['num_frames']} frames of {data['size']}x{data['size']} "
+                f"pixels, but this config lists data.buckets: train on it without them, or {write} (with the buckets)."
+            )
+        if (data["num_frames"], data["size"]) != (config.data.num_frames, config.data.size):
+            raise ConfigError(
+                f"{where} holds clips of {data['num_frames']} frames of {data['size']}x{data['size']} pixels but this "
+                f"config has data.num_frames={config.data.num_frames}, data.size={config.data.size}: set "
+                f"--data.num_frames {data['num_frames']} --data.size {data['size']}, {rewrite}."
+            )
+
+    def _check_encoding(self, config: Config) -> tuple[str, str]:
+        """A ConfigError unless these latents were made as `config` makes them (codec, text, channels);
+        returns the phrases its messages use: where the cache is, and how to write another."""
         where = f"the latent cache {self.directory!r}"
         write = f"write a cache for this config with `{WRITE_COMMAND}`"
         rewrite = f"or {write}"
@@ -204,18 +222,7 @@ class LatentCache:
                 f"{where} holds latents of {channels} channels but this config has model.in_channels="
                 f"{config.model.in_channels}: set --model.in_channels {channels}, {rewrite}."
             )
-        data = self.info["data"]
-        if config.data.buckets:
-            raise ConfigError(
-                f"{where} holds clips of one shape, {data['num_frames']} frames of {data['size']}x{data['size']} "
-                f"pixels, but this config lists data.buckets: train on it without them, or {write} (with the buckets)."
-            )
-        if (data["num_frames"], data["size"]) != (config.data.num_frames, config.data.size):
-            raise ConfigError(
-                f"{where} holds clips of {data['num_frames']} frames of {data['size']}x{data['size']} pixels but this "
-                f"config has data.num_frames={config.data.num_frames}, data.size={config.data.size}: set "
-                f"--data.num_frames {data['num_frames']} --data.size {data['size']}, {rewrite}."
-            )
+        return where, write
 
     def latent_shape_of(self, shape) -> tuple[int, ...]:
         """The latents (t, h, w, c) of the clips of `shape` (frames, height, width): this cache's one shape."""
@@ -297,8 +304,8 @@ class BucketedLatentCache:
         return tuple(self.info["latent_shapes"][self.shapes.index(shape)]) if cache is None else cache.latent_shape
 
     def check(self, config: Config) -> None:
-        """A ConfigError unless a run of `config` can train on these latents: every bucket's checks, and
-        the run's buckets are the cache's."""
+        """A ConfigError unless a run of `config` can train on these latents: the run's buckets are the
+        cache's, and every bucket's latents were made as the run makes them."""
         where = f"the latent cache {self.directory!r}"
         if [tuple(shape) for shape in config.data.shapes] != self.shapes:
             raise ConfigError(
@@ -306,12 +313,9 @@ class BucketedLatentCache:
                 f"{';'.join('x'.join(map(str, s)) for s in config.data.shapes)}: set --data.buckets to the cache's, "
                 f"or write a cache for this config with `{WRITE_COMMAND}`."
             )
-        single = dataclasses.replace(config, data=dataclasses.replace(config.data, buckets=(), bucket_batches=(),
-                                                                         bucket_keep=(), bucket_tokens=0))
         for cache in self.buckets:
             if cache is not None:
-                cache.check(dataclasses.replace(single, data=dataclasses.replace(
-                    single.data, num_frames=cache.info["data"]["num_frames"], size=cache.info["data"]["size"])))
+                cache._check_encoding(config)
 
     def __repr__(self) -> str:
         counts = np.bincount(self.assignment[self.assignment >= 0], minlength=len(self.shapes))

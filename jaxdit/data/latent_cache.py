@@ -64,20 +64,19 @@ def _shards_of(process_index: int, process_count: int, *, num_clips: int, shard_
     return range(process_index, math.ceil(num_clips / max(shard_size, 1)), process_count)
 
 
-def _header(config: Config, *, num_clips: int, shard_size: int, latent_shape, has_labels: bool) -> dict:
+def _header(config: Config, *, num_clips: int, shard_size: int, **layout) -> dict:
+    """cache.json: what was encoded, and how (`layout`: a cache's shards, or a bucketed cache's buckets)."""
     data = {k: v for k, v in dataclasses.asdict(config.data).items() if k not in _LOADER_FIELDS}
     header = {
         "format": FORMAT,
         "num_clips": num_clips,
         "shard_size": shard_size,
-        "num_shards": math.ceil(num_clips / shard_size),
-        "latent_shape": list(latent_shape),  # (t, h, w, c) of one clip
         "latent_dtype": np.dtype(LATENT_DTYPE).name,
         "codec": codec_record(config),
         "data": data,
         "text_max_length": config.text.max_length,
         "text_encoder": frozen_text.record(config.text),  # None: byte tokens, encoded in training
-        "has_labels": has_labels,
+        **layout,
     }
     return json.loads(json.dumps(header))  # as it reads back: tuples become lists
 
@@ -249,11 +248,8 @@ def _write_buckets(config: Config, source, codec, directory: pathlib.Path, *, nu
     buckets = [Bucket(shape, 1) for shape in shapes]
     assigned = assignment(source, buckets, config.data.seed, count=num_clips)[:num_clips].astype(np.int32)  # (N,)
     latent_shapes = [codec.latent_shape((*shape, 3)) for shape in shapes]  # a shape the codec rejects fails here
-    header = {**_header(config, num_clips=num_clips, shard_size=shards["shard_size"], latent_shape=(),
-                        has_labels=False),
-              "bucket_shapes": [list(shape) for shape in shapes], "latent_shapes": [list(s) for s in latent_shapes]}
-    for key in ("latent_shape", "has_labels", "num_shards"):
-        header.pop(key)
+    header = _header(config, num_clips=num_clips, shard_size=shards["shard_size"], bucket_shapes=shapes,
+                     latent_shapes=latent_shapes)  # (F, H, W) and (t, h, w, c) of each bucket
     directory.mkdir(parents=True, exist_ok=True)
     _check_resume(directory, header)
     if shards["process_index"] == 0:
@@ -281,10 +277,10 @@ def _write_clips(
     videos = jax.ShapeDtypeStruct((batch_size, *first["video"].shape), first["video"].dtype)  # (B, T, H, W, 3)
     latents = jax.eval_shape(codec.encode, videos)  # (B, t, h, w, c): a clip shape the codec rejects fails here
     header = _header(
-        config, num_clips=num_clips, shard_size=shard_size, latent_shape=latents.shape[1:], has_labels="label" in first
+        config, num_clips=num_clips, shard_size=shard_size, num_shards=math.ceil(num_clips / shard_size),
+        latent_shape=latents.shape[1:], has_labels="label" in first,  # (t, h, w, c) of one clip
+        **({} if bucket is None else {"bucket": bucket}),
     )
-    if bucket is not None:
-        header["bucket"] = list(bucket)
     directory.mkdir(parents=True, exist_ok=True)
     _check_resume(directory, header)
     if process_index == 0 and not (directory / HEADER).is_file():
