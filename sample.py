@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="continue this clip: its last frames begin every video (with --backward, its first "
                              "frames end every video: what came before it)")
     parser.add_argument("--backward", action="store_true", help="with --video: generate what came before the clip")
+    parser.add_argument("--debug", action="store_true", help="raise errors with their traceback instead of a message")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's notes on read-only directories
@@ -147,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
             edit=edit, **({} if args.strength is None else {"strength": args.strength}), **references,
             backward=args.backward,
         )  # (P * S, T, H, W, 3) uint8
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError) as error:  # a missing run, a damaged checkpoint, a bad setting
+        if args.debug:
+            raise
         parser.error(str(error))
     fps = args.fps or pipe.config.sample.fps
     shown = [f"class {p}" for p in prompts] if args.class_label else prompts

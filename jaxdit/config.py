@@ -264,7 +264,10 @@ class TrainConfig:
     # axis; jaxdit.context_parallel): activation memory per device falls about 1/context
     context: int = 1
     checkpoint_every: int = 1000  # steps; a checkpoint is also written at the end
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = 3  # the newest ones; the newest that read back completely is always kept too
+    # A resume that finds the newest checkpoint damaged falls back to the newest that reads and leaves
+    # the damaged one in place; True moves it aside to checkpoints/STEP.damaged.
+    quarantine_damaged: bool = False
     log_every: int = 50  # steps between metrics.jsonl / TensorBoard records
     # Compile the train step for every bucket, report compile time and memory, and stop there.
     compile_only: bool = False

@@ -404,26 +404,30 @@ class Pipeline:
                 f"no checkpoints in {str(workdir)!r} (looked for {str(directory)!r}); train a model first, "
                 f"e.g. python train.py --workdir {workdir}"
             )
+        mesh = make_mesh(1, devices=[jax.local_devices()[0]])
+
+        def read(step):  # the config saved with a checkpoint, then the weights it describes
+            config = Config.from_dict(checkpointer.restore_config(step))
+            if config.task == "codec":
+                return config, None
+            return config, checkpointer.restore_weights(abstract_train_state(config, mesh), step=step)
+
         with Checkpointer(directory, read_only=True) as checkpointer:
-            latest = checkpointer.latest_step()
-            if latest is None:
+            if checkpointer.latest_step() is None:
                 raise FileNotFoundError(
                     f"{str(directory)!r} holds no complete checkpoint; train (or resume) the run first."
                 )
-            step = latest if step is None else step
-            config = Config.from_dict(checkpointer.restore_config(step))
-            if text_path is not None:
-                text = dataclasses.replace(config.text, path=os.path.abspath(text_path))
-                config = dataclasses.replace(config, text=text)
-            _check_codec_record(config, pathlib.Path(workdir))
-            frozen_text.check_run(config, pathlib.Path(workdir))
-            if config.task == "codec":
-                raise ValueError(
-                    f"{str(workdir)!r} trained a codec, not a DiT: load it with jaxdit.codec.load({str(workdir)!r}), "
-                    f"or train a DiT on its latents with --codec.kind saved --codec.path {workdir}."
-                )
-            mesh = make_mesh(1, devices=[jax.local_devices()[0]])
-            state = checkpointer.restore_weights(abstract_train_state(config, mesh), step=step)
+            # The newest checkpoint that reads (or `step`, with no fallback): a damaged one is named and passed over.
+            step, (config, state) = checkpointer.newest_readable(read, step=step)
+        if config.task == "codec":
+            raise ValueError(
+                f"{str(workdir)!r} trained a codec, not a DiT: load it with jaxdit.codec.load({str(workdir)!r}), "
+                f"or train a DiT on its latents with --codec.kind saved --codec.path {workdir}."
+            )
+        if text_path is not None:
+            config = dataclasses.replace(config, text=dataclasses.replace(config.text, path=os.path.abspath(text_path)))
+        _check_codec_record(config, pathlib.Path(workdir))
+        frozen_text.check_run(config, pathlib.Path(workdir))
         log.info("loaded %s at step %d", workdir, step)
         return cls(config, state["ema"], state["model_rngs"], step=step, devices=devices, context=context)
 

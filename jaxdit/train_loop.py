@@ -166,7 +166,9 @@ def train(config: Config, workdir: str | pathlib.Path) -> dict:
 
     graphdef = model_graphdef(config)
     abstract_state = abstract_train_state(config, mesh)
-    checkpointer = Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints, every=cfg.checkpoint_every)
+    checkpointer = Checkpointer(
+        workdir / "checkpoints", keep=cfg.keep_checkpoints, every=cfg.checkpoint_every, quarantine=cfg.quarantine_damaged
+    )
     try:  # an empty bucket, a batch that does not split over the processes, a folder with too few usable clips
         batches = plan_batches(
             config, buckets=buckets, process_index=jax.process_index(), process_count=jax.process_count()
@@ -188,15 +190,16 @@ def train(config: Config, workdir: str | pathlib.Path) -> dict:
         log.info("train.compile_only: compiled the step for %d bucket(s); stopping before the first step", len(programs))
         checkpointer.close()
         return {}
-    start = checkpointer.latest_step()
-    _record_codec(config, workdir, resuming=start is not None, primary=primary)
-    frozen_text.record_run(config, workdir, resuming=start is not None, primary=primary)
-    if start is None:
+    resuming = checkpointer.latest_step() is not None
+    _record_codec(config, workdir, resuming=resuming, primary=primary)
+    frozen_text.record_run(config, workdir, resuming=resuming, primary=primary)
+    if not resuming:
         state = create_train_state(config, abstract_state)
         start = 0
-    else:
-        _check_same_run(checkpointer.restore_config(start), config, workdir)
-        state = checkpointer.restore(abstract_state, step=start, data_iterator=data)
+    else:  # the newest checkpoint that reads and is of this run: a damaged one is named and passed over
+        check = functools.partial(_check_same_run, config=config, workdir=workdir)
+        state = checkpointer.restore(abstract_state, data_iterator=data, check_config=check)
+        start = int(state.step)
         log.info("resuming %s from step %d", workdir, start)
     log.info(
         "%s: %s parameters%s, %d devices, mesh %s", config.name, f"{parameter_count(state.params):,}",

@@ -115,6 +115,10 @@ def test_codec_directory_round_trip(tmp_path):
     np.testing.assert_array_equal(codecs.jitted(loaded)(video), codecs.jitted(model)(video))
     with pytest.raises(FileNotFoundError, match="no codec in .* give a directory written by a codec training run"):
         codecs.load(tmp_path / "missing")
+    for f in (tmp_path / "codec" / "params").glob("ocdbt.process_*/d/*"):
+        f.write_bytes(f.read_bytes()[:10])  # a copy that stopped part-way
+    with pytest.raises(ValueError, match=r"the codec's parameters in .*params do not read: ValueError: .*Copy the codec"):
+        codecs.load(tmp_path)
 
 
 def test_codec_config_errors():

@@ -203,3 +203,16 @@ def test_two_processes_train_like_one(tmp_path):
     for run in ("one", "two"):  # sampled over every device of every process, written once
         assert sorted(p.name for p in (tmp_path / run / "samples").iterdir()) == [
             "step_0000003.mp4", "step_0000003.png", "step_0000003_sizes.png"]  # the other buckets labelled
+    # A damaged newest checkpoint: both processes fall back to step 2, and step 3 is moved aside (by one
+    # process, seen by both) when the run saves it again.
+    for f in (tmp_path / "two" / "checkpoints" / "3" / "state").glob("ocdbt.process_*/d/*"):
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    args = [*args[:1], "4", *args[2:], "--train.checkpoint_every", "1"]
+    port = _free_port()
+    four_devices["JAX_COORDINATOR_ADDRESS"] = f"localhost:{port}"
+    processes = [_run_train(tmp_path / "two", *args, env={**four_devices, "JAX_PROCESS_ID": str(i)}) for i in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in processes]
+    assert all(p.returncode == 0 for p in processes), outputs
+    assert all("checkpoint 3 in" in out and "cannot be restored" in out for out in outputs), outputs
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["2", "3", "3.damaged", "4"]
+    assert 4 in losses(tmp_path / "two")

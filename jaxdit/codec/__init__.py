@@ -56,15 +56,23 @@ def load(path):
     import jax
     import orbax.checkpoint as ocp
 
-    directory = codec_directory(path)
+    from jaxdit.orbax_reads import first_line, quiet_failed_reads
+
+    directory = codec_directory(path).absolute()
     info = describe(directory)
     cls = codec_class(info["kind"])
     abstract = nnx.eval_shape(lambda: cls(**info["spec"], rngs=nnx.Rngs(0)))
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     if jax.tree.leaves(params):
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(params))
-        with ocp.StandardCheckpointer() as checkpointer:
-            restored = checkpointer.restore(directory / PARAMS_DIR, target)
+        try:
+            with ocp.StandardCheckpointer() as checkpointer, quiet_failed_reads():
+                restored = checkpointer.restore(directory / PARAMS_DIR, target)
+        except Exception as error:  # one copy, no older one to fall back to: say which file and why
+            raise ValueError(
+                f"the codec's parameters in {directory / PARAMS_DIR} do not read: {first_line(error)}. Copy the codec "
+                "folder again from where it came, or write it again (a codec-training run writes it at its end)."
+            ) from error
         nnx.replace_by_pure_dict(params, restored)
     return nnx.merge(graphdef, params, rest)
 
