@@ -213,7 +213,7 @@ def part_figures(config, tokens: int, count: int) -> dict:
     )
 
     x, c, d_x = randn(b, tokens, width), randn(b, width), randn(b, tokens, width)
-    graphdef, params = nnx.split(DiTBlock(width, heads, config.model.mlp_ratio, attention="xla", rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(DiTBlock(width, heads, config.model.hidden_width, attention="xla", rngs=nnx.Rngs(0)))
     params = jax.tree.map(lambda p: p + 0.02 * jnp.asarray(randn(*p.shape)), params)  # live gates, not adaLN-Zero's 0
     block_grad = jax.grad(lambda params, x, c: jnp.vdot(nnx.merge(graphdef, params)(x, c), d_x), argnums=(0, 1, 2))
     figures["block_jaxdit_ms"] = jax_ms(block_grad, params, x, c)

@@ -183,9 +183,14 @@ def attention(
     return out * mask.any(axis=1)[:, None, None, None].astype(out.dtype)  # (B, N, K, Dh)
 
 
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotates each head's pairs (x[..., j], x[..., j + Dh/2]) by the token's angles: x (B, N, K, Dh),
-    cos and sin (N, Dh/2) -> (B, N, K, Dh). Dot products of rotated q and k see only offsets."""
-    x1, x2 = jnp.split(x, 2, axis=-1)  # 2x (B, N, K, Dh/2)
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, *, pairs: str = "halves") -> jax.Array:
+    """Rotates each head's pairs by the token's angles: x (B, N, K, Dh), cos and sin (N, Dh/2) ->
+    (B, N, K, Dh). Pair j is (x[..., j], x[..., j + Dh/2]) ("halves", GPT-NeoX's layout) or
+    (x[..., 2j], x[..., 2j + 1]) ("interleaved", RoFormer's and Wan's). Dot products of rotated q and k
+    see only offsets."""
     cos, sin = (a[None, :, None, :].astype(x.dtype) for a in (cos, sin))  # (1, N, 1, Dh/2)
+    if pairs == "interleaved":
+        x1, x2 = x[..., 0::2], x[..., 1::2]  # 2x (B, N, K, Dh/2)
+        return jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).reshape(x.shape)  # (B, N, K, Dh)
+    x1, x2 = jnp.split(x, 2, axis=-1)  # 2x (B, N, K, Dh/2)
     return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)  # (B, N, K, Dh)

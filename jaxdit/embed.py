@@ -87,3 +87,15 @@ class PooledTextEmbedder(nnx.Module):
 
     def __call__(self, text: jax.Array, mask: jax.Array) -> jax.Array:
         return self.mlp(masked_mean(text, mask))  # (B, D)
+
+
+class TextProjection(nnx.Module):
+    """(B, L, E) text tokens -> (B, L, D): Linear -> GELU (tanh) -> Linear, once before the blocks
+    (Wan's text embedder), so every block's cross-attention reads D-wide keys and values."""
+
+    def __init__(self, text_dim: int, width: int, *, dtype, rngs: nnx.Rngs):
+        self.fc1 = nnx.Linear(text_dim, width, kernel_init=xavier, dtype=dtype, rngs=rngs)
+        self.fc2 = nnx.Linear(width, width, kernel_init=xavier, dtype=dtype, rngs=rngs)
+
+    def __call__(self, text: jax.Array) -> jax.Array:
+        return self.fc2(jax.nn.gelu(self.fc1(text), approximate=True))  # (B, L, D)

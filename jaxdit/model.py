@@ -11,8 +11,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdit import context_parallel
-from jaxdit.blocks import DiTBlock, FinalLayer, Linear
-from jaxdit.embed import LabelEmbedder, PooledTextEmbedder, TimestepEmbedder
+from jaxdit.blocks import DiTBlock, FinalLayer, Linear, modulation_chunks
+from jaxdit.embed import LabelEmbedder, PooledTextEmbedder, TextProjection, TimestepEmbedder
 from jaxdit.flow import TIME_SCALE
 from jaxdit.model_config import ModelConfig
 from jaxdit.patch import grid_shape, patchify, rope_3d, sincos_3d, unpatchify
@@ -29,7 +29,9 @@ class VideoDiT(nnx.Module):
 
     patchify -> linear patch embedding (a Conv3d with stride = kernel = patch) + fixed 3-D
     positions -> blocks (adaLN-Zero on c = t_embed + label_embed + pooled_text) -> final layer
-    -> unpatchify. Parameters are float32; computation runs in `config.dtype`. With
+    -> unpatchify; `ModelConfig`'s layout options also make it Wan 2.1's transformer (`WAN_LAYOUT`:
+    shared modulation, a text projection, cross-attention behind a LayerNorm, no pooled text). Parameters
+    are float32; computation runs in `config.dtype`. With
     `config.scan_layers` the blocks are one stacked DiTBlock applied by a scan over layers. Traced
     on a mesh with a `context` axis, the tokens are split along the sequence over it from the
     patch embedding to the final layer (`jaxdit.context_parallel`); the result is the same.
@@ -46,13 +48,25 @@ class VideoDiT(nnx.Module):
         self.label_embed = (
             LabelEmbedder(config.num_classes, width, config.class_dropout_prob, rngs=rngs) if config.num_classes else None
         )
-        self.text_embed = PooledTextEmbedder(config.text_dim, width, dtype=dtype, rngs=rngs) if config.has_text else None
-        cross_dim = config.text_dim if config.cross_attention else 0
+        pooled = config.has_text and config.pooled_text
+        self.text_embed = PooledTextEmbedder(config.text_dim, width, dtype=dtype, rngs=rngs) if pooled else None
+        # The text's tokens once through an MLP into the model width (Wan), or as they are, for cross-attention.
+        self.text_proj = (
+            TextProjection(config.text_dim, width, dtype=dtype, rngs=rngs) if config.has_text and config.text_projection
+            else None
+        )
+        cross_dim = (width if config.text_projection else config.text_dim) if config.cross_attention else 0
+        if config.modulation == "shared":  # Wan: one projection of c, to which each block adds its table
+            chunks = modulation_chunks(cross_dim, config.cross_norm)
+            self.shared_modulation = Linear(
+                width, chunks * width, kernel_init=nnx.initializers.zeros_init(), dtype=dtype, rngs=rngs
+            )
 
         def make_block(rngs: nnx.Rngs) -> DiTBlock:
             return DiTBlock(
-                width, config.heads, config.mlp_ratio, text_dim=cross_dim, attention=config.attention,
-                qk_norm=config.qk_norm, context_attention=config.context_attention,
+                width, config.heads, config.hidden_width, text_dim=cross_dim, attention=config.attention,
+                qk_norm=config.qk_norm, qk_norm_scope=config.qk_norm_scope, rope_pairs=config.rope_pairs,
+                modulation=config.modulation, cross_norm=config.cross_norm, context_attention=config.context_attention,
                 ulysses_degree=config.ulysses_degree, dtype=dtype, rngs=rngs,
             )
 
@@ -75,7 +89,7 @@ class VideoDiT(nnx.Module):
             self.stacked_blocks = nnx.split_rngs(splits=config.depth)(nnx.vmap(make_block))(rngs)
         else:
             self.blocks = nnx.List(make_block(rngs) for _ in range(config.depth))
-        self.final = FinalLayer(width, patch_dim * config.out_channels, dtype=dtype, rngs=rngs)
+        self.final = FinalLayer(width, patch_dim * config.out_channels, mode=config.final_layer, dtype=dtype, rngs=rngs)
 
     def __call__(
         self,
@@ -120,15 +134,21 @@ class VideoDiT(nnx.Module):
         if self.text_embed is not None:
             c = c + self.text_embed(text, text_mask)  # (B, D)
 
+        block_c = c  # (B, D), or with shared modulation its projection (B, chunks, D)
+        if cfg.modulation == "shared":
+            block_c = self.shared_modulation(nnx.silu(c)).reshape(c.shape[0], -1, c.shape[-1])  # (B, chunks, D)
+        if self.text_proj is not None:
+            text = self.text_proj(text.astype(dtype))  # (B, L, D)
+
         num_tokens = tokens.shape[1]
         # Over a context axis: padded to a multiple of its size (masked keys) and split along N.
         tokens, rope, token_mask = context_parallel.split_tokens(tokens, rope)  # (B, N', D), N' >= N
         cross_text = (text, text_mask) if cfg.has_text and cfg.cross_attention else (None, None)
         if cfg.scan_layers:
-            tokens = self._scan_blocks(tokens, c, *cross_text, rope, token_mask)  # (B, N', D)
+            tokens = self._scan_blocks(tokens, block_c, *cross_text, rope, token_mask)  # (B, N', D)
         else:
             for block in self.blocks:
-                tokens = self._run_block(block, tokens, c, *cross_text, rope, token_mask)  # (B, N', D)
+                tokens = self._run_block(block, tokens, block_c, *cross_text, rope, token_mask)  # (B, N', D)
 
         out = context_parallel.gather_tokens(self.final(tokens, c), num_tokens)  # (B, N, P_out)
         return unpatchify(out.astype(jnp.float32), cfg.patch, grid)  # (B, T, H, W, C_out)

@@ -12,9 +12,14 @@ import re
 from jaxdit.options import (
     ATTENTION_IMPLEMENTATIONS,
     CONTEXT_ATTENTION,
+    CROSS_NORMS,
     DTYPES,
+    FINAL_LAYERS,
+    MODULATIONS,
     POSITIONS,
+    QK_NORM_SCOPES,
     REMAT_POLICIES,
+    ROPE_PAIRS,
     check_choice,
     check_minimums,
 )
@@ -27,24 +32,33 @@ VARIANTS = {
     "B": (768, 12, 12),
     "L": (1024, 24, 16),
     "XL": (1152, 28, 16),
+    # Wan 2.1's transformers (with WAN_LAYOUT; jaxdit.convert.wan imports their weights).
+    "wan1.3B": (1536, 30, 12),
+    "wan14B": (5120, 40, 40),
 }
 
 _PATCH = re.compile(r"^(\d+)(?:x(\d+)x(\d+))?$")
+_SIZE = re.compile(r"^(\d+)x(\d+)x(\d+)$")  # an explicit size: width x depth x heads
 
 
 def parse_variant(variant: str) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """`"B/2x4x4"` -> ((width, depth, heads), (pt, ph, pw)); `"B/2"` means patch (1, 2, 2)."""
+    """`"B/2x4x4"` -> ((width, depth, heads), (pt, ph, pw)); `"B/2"` means patch (1, 2, 2). A size may
+    also be written out as width x depth x heads: `"24x2x2/1x2x2"`."""
     size, _, patch = variant.partition("/")
-    match = _PATCH.match(patch)
-    if size not in VARIANTS or match is None:
+    match, explicit = _PATCH.match(patch), _SIZE.match(size)
+    if (size not in VARIANTS and explicit is None) or match is None:
         raise ValueError(
             f"model.variant {variant!r} is not a known variant: write <size>/<patch> with size one "
-            f"of {', '.join(VARIANTS)} and patch 'P' (image, 1xPxP) or 'PTxPHxPW', e.g. 'XL/1x2x2'."
+            f"of {', '.join(VARIANTS)} (or WIDTHxDEPTHxHEADS) and patch 'P' (image, 1xPxP) or 'PTxPHxPW', "
+            "e.g. 'XL/1x2x2'."
         )
     pt, ph, pw = (1, int(match[1]), int(match[1])) if match[2] is None else map(int, match.groups())
     if min(pt, ph, pw) < 1:
         raise ValueError(f"model.variant {variant!r}: every patch size must be at least 1.")
-    return VARIANTS[size], (pt, ph, pw)
+    dims = VARIANTS[size] if size in VARIANTS else tuple(map(int, explicit.groups()))
+    if min(dims) < 1:
+        raise ValueError(f"model.variant {variant!r}: width, depth and heads must be at least 1.")
+    return dims, (pt, ph, pw)
 
 
 
@@ -74,6 +88,17 @@ class ModelConfig:
     # zero and the prediction comes from the positions and the condition alone). Sampling does the same.
     flow_input_scale: bool = False
     qk_norm: bool = False  # RMSNorm of queries and keys in every attention
+    # The block's layout. DiT's is the default; Wan 2.1's is WAN_LAYOUT (below), each a choice of its own.
+    qk_norm_scope: str = "head"  # one of QK_NORM_SCOPES: over each head's Dh, or over all heads' D (Wan)
+    rope_pairs: str = "halves"  # one of ROPE_PAIRS: which channels of a head rotate together
+    modulation: str = "per_block"  # one of MODULATIONS: "shared" is one Linear(D, 6D) for all blocks (Wan)
+    cross_norm: str = "adaln"  # one of CROSS_NORMS: "layernorm" puts cross-attention behind a LayerNorm (Wan)
+    final_layer: str = "adaln"  # one of FINAL_LAYERS: "table" adds a learned table to the raw c (Wan)
+    # The text tokens through Linear(E, D) -> GELU -> Linear(D, D) once, before every block's
+    # cross-attention (Wan); False: each block's keys and values read the E-wide features directly.
+    text_projection: bool = False
+    pooled_text: bool = True  # the mean of the text tokens, through an MLP, is part of c (False: Wan)
+    mlp_width: int = 0  # the MLP's hidden width; 0: width * mlp_ratio
     # In training, each sample hides a fraction U(0, token_mask_ratio) of its video tokens behind a
     # learned mask embedding (MDT / MaskDiT): their prediction must come from the other tokens,
     # which teaches the model how the tokens of one clip depend on each other. 0: off.
@@ -114,9 +139,24 @@ class ModelConfig:
             raise ValueError(f"model.class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}.")
         if self.mlp_ratio <= 0:
             raise ValueError(f"model.mlp_ratio must be positive, got {self.mlp_ratio}.")
+        check_minimums("model", self, mlp_width=0)
+        for name, choices in (
+            ("qk_norm_scope", QK_NORM_SCOPES), ("rope_pairs", ROPE_PAIRS), ("modulation", MODULATIONS),
+            ("cross_norm", CROSS_NORMS), ("final_layer", FINAL_LAYERS),
+        ):
+            check_choice(f"model.{name}", getattr(self, name), choices)
+        if self.text_dim and not (self.pooled_text or self.cross_attention):
+            raise ValueError(
+                "model.pooled_text=False and model.cross_attention=False leave the text unused: turn one on."
+            )
         # Sin-cos positions split the width in halves, each a sin and a cos half again.
         if width % 4 or width % heads:
             raise ValueError(f"model width {width} must be divisible by 4 and by the {heads} heads.")
+
+    @property
+    def hidden_width(self) -> int:
+        """The MLP's hidden width."""
+        return self.mlp_width or int(self.width * self.mlp_ratio)
 
     @classmethod
     def from_variant(cls, variant: str, **overrides) -> "ModelConfig":
@@ -146,3 +186,12 @@ class ModelConfig:
     def has_text(self) -> bool:
         return self.text_dim > 0
 
+
+# Wan 2.1's block layout (its diffusers `WanTransformer3DModel`), as options of the one VideoDiT. With a
+# "wan1.3B/1x2x2" or "wan14B/1x2x2" variant, 16 latent channels and 4096-wide umT5 features it is Wan 2.1
+# T2V: ModelConfig(variant="wan1.3B/1x2x2", in_channels=16, text_dim=4096, mlp_width=8960, **WAN_LAYOUT).
+WAN_LAYOUT = dict(
+    positions="rope", qk_norm=True, qk_norm_scope="all_heads", rope_pairs="interleaved", modulation="shared",
+    cross_norm="layernorm", final_layer="table", text_projection=True, pooled_text=False,
+)
+WAN_MLP_WIDTHS = {"wan1.3B": 8960, "wan14B": 13824}

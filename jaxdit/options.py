@@ -25,6 +25,12 @@ POSITIONS = ("sincos", "rope", "rope+sincos")
 # head count); "ulysses_ring" (USP) does Ulysses within groups of model.ulysses_degree devices and a
 # ring across the groups.
 CONTEXT_ATTENTION = ("ulysses_ring", "ulysses", "ring")
+# The block's layout options (jaxdit.model_config.ModelConfig): DiT's first, then Wan 2.1's.
+QK_NORM_SCOPES = ("head", "all_heads")  # RMSNorm of q and k over each head's Dh, or over all heads' D
+ROPE_PAIRS = ("halves", "interleaved")  # rotated pairs (j, j + Dh/2), or (2j, 2j + 1)
+MODULATIONS = ("per_block", "shared")  # adaLN's Linear in every block, or one for all plus a table per block
+CROSS_NORMS = ("adaln", "layernorm")  # cross-attention behind adaLN with a gate, or a LayerNorm and no gate
+FINAL_LAYERS = ("adaln", "table")  # the final shift and scale from Linear(SiLU(c)), or a table plus c
 # The mesh axis over which video tokens are split along the sequence (jaxdit.sharding builds the mesh).
 CONTEXT_AXIS = "context"
 # What a block keeps for the backward pass: everything, nothing (recompute the block),
