@@ -81,7 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output path: .mp4, .gif, .png or .npy")
     parser.add_argument("--num-samples", type=int, default=1, help="videos per prompt (default: 1)")
     parser.add_argument("--steps", type=int, help="denoising steps (default: the run's sample.steps)")
-    parser.add_argument("--sampler", help="ddim or ddpm for DDPM runs, euler or heun for flow runs (default: the run's sample.sampler)")
+    parser.add_argument("--sampler", help="ddim or ddpm for DDPM runs, euler, heun or unipc for flow runs (default: the "
+                                          "run's sample.sampler)")
+    parser.add_argument("--negative-prompt", metavar="TEXT",
+                        help="the caption guidance steers away from, instead of the empty one (default: the run's "
+                             "sample.negative_prompt)")
     parser.add_argument("--cfg-scale", type=float, help="classifier-free guidance; 1 turns it off")
     parser.add_argument("--eta", type=float, help="DDIM noise: 0 deterministic (default: the run's sample.eta)")
     parser.add_argument("--seed", type=int, default=0)
@@ -146,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             height=None if given_size else args.height, width=None if given_size else args.width,
             size=None if given_size else args.size, batch_size=args.batch_size, progress=True,
             edit=edit, **({} if args.strength is None else {"strength": args.strength}), **references,
-            backward=args.backward,
+            backward=args.backward, negative_prompt=args.negative_prompt,
         )  # (P * S, T, H, W, 3) uint8
     except (FileNotFoundError, ValueError) as error:  # a missing run, a damaged checkpoint, a bad setting
         if args.debug:

@@ -305,6 +305,9 @@ class SampleConfig:
     steps: int = 50  # ddpm: visited steps, evenly spaced over the training steps; flow: ODE steps
     eta: float = 0.0  # DDIM's noise scale: 0 deterministic, 1 as much noise as DDPM
     cfg_scale: float = 4.0  # classifier-free guidance g; 1 turns guidance off (one pass per step)
+    # Guidance's unconditional branch reads this caption instead of the empty one (a text model's
+    # "negative prompt": what the samples should not look like, e.g. Wan's list of artefacts).
+    negative_prompt: str = ""
     # Latent channels that guidance moves; 0: all. DiT's sample.py guides the first 3 of its 4 (for
     # exact reproducibility of its paper's numbers), which configs/dit_xl2_*.py copy.
     guidance_channels: int = 0

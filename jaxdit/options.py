@@ -52,8 +52,9 @@ RECONSTRUCTION_LOSSES = ("l1", "mse")
 TEXT_ENCODERS = ("byte", "t5")
 TASKS = ("dit", "codec")  # what train.py trains: the diffusion transformer, or a video autoencoder (a codec)
 # Each process's samplers, its default first: DDIM (deterministic at eta 0) or ancestral DDPM
-# for DDPM runs; Euler or Heun (2nd order) ODE integration for flow runs.
-SAMPLERS = {"ddpm": ("ddim", "ddpm"), "flow": ("euler", "heun")}
+# for DDPM runs; Euler or Heun (2nd order) ODE integration, or UniPC (multistep, 2nd order, one
+# evaluation a step, on diffusers' flow sigma grid: Wan's sampler; jaxdit.unipc) for flow runs.
+SAMPLERS = {"ddpm": ("ddim", "ddpm"), "flow": ("euler", "heun", "unipc")}
 
 
 def resolve_sampler(sampler: str, process: str) -> str:

@@ -39,18 +39,20 @@ log = logging.getLogger(__name__)
 DEFAULT_STRENGTH = 0.8  # SDEdit: the share of the denoising path rerun from the edited clip (diffusers' default)
 
 
-def conditions(config: Config, prompts: list[str]) -> tuple[dict, dict]:
+def conditions(config: Config, prompts: list[str], negative_prompt: str = "") -> tuple[dict, dict]:
     """Prompts -> the model's conditioning arrays (B, ...), and the null condition of CFG.
 
     A text model reads the prompt (tokens, mask); a class-conditional model without text reads
     it as a class index ("207"); the null condition is the empty caption (for a frozen T5 too, as
-    in Open-Sora and PixArt: its features of "") and the null label.
+    in Open-Sora and PixArt: its features of ""), or `negative_prompt`, and the null label.
     """
     model = config.model
     cond, null = {}, {}
+    if negative_prompt and not model.has_text:
+        raise ValueError("a negative prompt needs a text-conditioned model; this one has no text (model.text_dim=0).")
     if model.has_text:
         tokenizer = make_tokenizer(config.text)
-        for prompt in prompts:
+        for prompt in [*prompts, negative_prompt]:
             if tokenizer.count(prompt) > config.text.max_length:
                 warnings.warn(
                     f"prompt of {tokenizer.count(prompt)} tokens truncated to the model's text.max_length="
@@ -58,7 +60,7 @@ def conditions(config: Config, prompts: list[str]) -> tuple[dict, dict]:
                 )
         tokenizer.truncated = 1  # warned above; keep the tokenizer's own log quiet
         cond = tokenizer.encode_batch(prompts)  # text_tokens, text_mask (B, L)
-        null = tokenizer.encode_batch([""] * len(prompts))
+        null = tokenizer.encode_batch([negative_prompt] * len(prompts))
     if model.num_classes:
         null["label"] = np.full(len(prompts), model.num_classes, np.int32)  # (B,) the null label
         cond["label"] = null["label"] if model.has_text else _labels(prompts, model.num_classes)
@@ -133,7 +135,7 @@ class VideoSampler:
         self, params, model_rngs, prompts: list[str], *, seed: int, sampler: str, steps: int, eta: float,
         cfg_scale: float, num_frames: int, height: int, width: int, batch_size: int | None = None,
         progress: bool = False, edit: np.ndarray | None = None, strength: float = 1.0,
-        head: np.ndarray | None = None, tail: np.ndarray | None = None,
+        head: np.ndarray | None = None, tail: np.ndarray | None = None, negative_prompt: str = "",
     ) -> np.ndarray:
         """One video per prompt (repeat a prompt for several samples) -> uint8 (B, T, H, W, 3).
 
@@ -155,7 +157,7 @@ class VideoSampler:
                     f"got {edit.dtype} {edit.shape}."
                 )
             skipped = sampling.sdedit_start(steps, strength)
-        cond, null = conditions(config, prompts)
+        cond, null = conditions(config, prompts, negative_prompt)
         guided = bool(null) and cfg_scale != 1.0  # no condition, or g = 1: one pass per step
         total = len(prompts)
         devices = data_parallel_size(self.mesh)  # the devices that hold different samples
@@ -453,12 +455,14 @@ class Pipeline:
         last_image: np.ndarray | None = None,
         video: np.ndarray | None = None,
         backward: bool = False,
+        negative_prompt: str | None = None,
     ) -> np.ndarray:
         """Prompts -> uint8 videos (len(prompts) * num_samples, T, H, W, 3), samples of a prompt adjacent.
 
         The video is `num_frames` frames of `height` x `width` pixels (`size`: a square), any that the patch
         and the codec divide; `num_frames=1` is an image. Unset arguments come from the run's `sample`
-        config (sampler, steps, cfg_scale, eta) and `data` config (its first clip shape: `data.shapes[0]`). A
+        config (sampler, steps, cfg_scale, eta, negative_prompt: the caption guidance steers away from,
+        instead of the empty one) and `data` config (its first clip shape: `data.shapes[0]`). A
         shape the run did not train on works, with a warning. `batch_size` caps the samples per forward pass.
 
         edit: SDEdit of a uint8 clip (T, H, W, 3), which gives the videos' size: its latents are noised to
@@ -519,6 +523,7 @@ class Pipeline:
             cfg_scale=defaults.cfg_scale if cfg_scale is None else cfg_scale,
             num_frames=num_frames, height=height, width=width, batch_size=batch_size, progress=progress,
             edit=edit, strength=strength, head=head, tail=tail,
+            negative_prompt=defaults.negative_prompt if negative_prompt is None else negative_prompt,
         )
 
     def _given_ends(self, references: dict, backward: bool, height: int, width: int):

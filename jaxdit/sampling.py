@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdit import diffusion, flow, frames
+from jaxdit import diffusion, flow, frames, unipc
 from jaxdit.options import resolve_sampler
 
 Denoise = Callable[[jax.Array, jax.Array], jax.Array]  # (x (B, ...), t (B,)) -> output (B, ..., C or 2C)
@@ -196,13 +196,17 @@ def sample_flow(
     batch = keys.shape[0]
     _check_start(start, steps, init, batch, shape)
 
-    def predict(x, t):  # (x0, eps) the network implies at time t (a scalar)
+    def predict(x, t, network_t=None):  # (x0, eps) the network implies at time t (a scalar)
         t = jnp.full((batch,), t, jnp.float32)  # (B,)
-        x0, eps = flow.split(x, t, denoise(x, t * flow.TIME_SCALE), prediction)  # 2x (B, T, H, W, C)
+        network_t = t * flow.TIME_SCALE if network_t is None else jnp.full((batch,), network_t, jnp.float32)
+        x0, eps = flow.split(x, t, denoise(x, network_t), prediction)  # 2x (B, T, H, W, C)
         if clip_x0:  # the sample clipped to the data range, and the noise that with it still makes x
             x0 = jnp.clip(x0, -1.0, 1.0)
             eps = flow.split(x, t, x0, "x0")[1]
         return x0, eps
+
+    if sampler == "unipc":
+        return _sample_unipc(predict, keys, shape, steps, shift, x_T, init, start, given, progress)
 
     def step(x: jax.Array, i: jax.Array):
         t, t_next = times[i], times[i + 1]
@@ -224,6 +228,31 @@ def sample_flow(
         x_T = (1 - times[start]) * init.astype(jnp.float32) + times[start] * x_T
     x0, _ = jax.lax.scan(step, reset(x_T, given), jnp.arange(start, steps))
     return x0
+
+
+def _sample_unipc(predict, keys, shape, steps, shift, x_T, init, start, given, progress) -> jax.Array:
+    """UniPC (`jaxdit.unipc`) on diffusers' flow sigma grid, one network evaluation a step, in one scan.
+    SDEdit starts from the grid's step `start` as from a first step (order 1)."""
+    sigmas, timesteps = unipc.sigma_grid(steps, shift)  # (S + 1,), (S,)
+    constants = {k: jnp.asarray(v) for k, v in unipc.step_constants(sigmas[start:]).items()}  # each (S - start,)
+
+    def step(carry, xs):
+        x, last, x0_prev, x0_prev2 = carry  # each (B, T, H, W, C)
+        i, c = xs
+        x0, _ = predict(x, sigmas_j[i], timesteps_j[i])
+        x_next, corrected = unipc.update(x, last, x0, x0_prev, x0_prev2, c)
+        if progress is not None:
+            jax.debug.callback(progress, i + 1)
+        return (reset(x_next, given), corrected, x0, x0_prev), None
+
+    sigmas_j, timesteps_j = jnp.asarray(sigmas), jnp.asarray(timesteps)
+    x = _start_noise(keys, shape, x_T)  # (B, T, H, W, C)
+    if start:  # the edited clip on the straight path at the first sigma run
+        x = (1 - sigmas_j[start]) * init.astype(jnp.float32) + sigmas_j[start] * x
+    x = reset(x, given)
+    zeros = jnp.zeros_like(x)
+    (x, *_), _ = jax.lax.scan(step, (x, x, zeros, zeros), (jnp.arange(start, steps), constants))
+    return x
 
 
 def reset(x: jax.Array, given: tuple[jax.Array, jax.Array] | None) -> jax.Array:

@@ -356,6 +356,7 @@ class _Samples:
         videos = self.sampler(  # one program for the shown and the judged prompts
             state.ema, state.model_rngs, self.shown + self.judged, seed=self.config.train.seed, sampler=s.sampler,
             steps=s.steps, eta=s.eta, cfg_scale=s.cfg_scale, num_frames=frames, height=height, width=width,
+            negative_prompt=s.negative_prompt,
         )  # (P * S + J, T, H, W, 3) uint8, on every process
         showcase = self._showcase(state, (frames, height, width))  # every process runs the programs
         if not self.enabled:
@@ -382,7 +383,7 @@ class _Samples:
             return []
         generate = functools.partial(
             self.sampler, state.ema, state.model_rngs, seed=self.config.train.seed, sampler=s.sampler, steps=s.steps,
-            eta=s.eta, cfg_scale=s.cfg_scale,
+            eta=s.eta, cfg_scale=s.cfg_scale, negative_prompt=s.negative_prompt,
         )
         groups = []
         for frames, height, width in data.shapes:

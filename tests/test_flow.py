@@ -111,7 +111,7 @@ def gaussian_velocity(mean: float, std: float):
     return denoise
 
 
-@pytest.mark.parametrize("sampler", ["euler", "heun"])
+@pytest.mark.parametrize("sampler", ["euler", "heun", "unipc"])
 def test_the_samplers_carry_noise_to_the_data_law_with_an_error_that_shrinks_with_the_steps(sampler):
     """The exact field is affine in x, so each sampler is an affine map a x_1 + b of its starting
     noise: starting from 0 and 1 gives b (the sample mean) and a (its std) without sampling error."""
@@ -125,6 +125,12 @@ def test_the_samplers_carry_noise_to_the_data_law_with_an_error_that_shrinks_wit
         ).ravel()
         b, a = float(out[0]), float(out[1] - out[0])
         errors.append(abs(b - mean) + abs(a - std))
+    if sampler == "unipc":
+        # Its grid (diffusers') ends with a jump from sigma = (1 - 0.999 (S - 1) / S) to the clean prediction
+        # there, an error that does not shrink with the steps as the solver's does: parity with diffusers
+        # is tests/test_unipc.py; here, only that it reaches the law.
+        assert errors[0] > errors[1] and max(errors[1:]) < 2e-3, errors
+        return
     # 4x the steps: the error falls 4x for first-order Euler, 16x for second-order Heun
     order = 1 if sampler == "euler" else 2
     assert errors[0] > errors[1] > errors[2] and errors[1] / errors[2] > 0.75 * 4**order, errors
@@ -184,6 +190,21 @@ def test_flow_samples_are_the_same_on_any_device_count_and_batch_size(run):
     one_device = Pipeline.load(run, devices=jax.local_devices()[:1])
     np.testing.assert_array_equal(reference, one_device.generate(PROMPTS, num_samples=3, steps=STEPS, seed=11,
                                                                  sampler="heun"))
+
+
+def test_a_negative_prompt_replaces_the_empty_caption_of_guidance(run, tmp_path):
+    pipe = Pipeline.load(run)
+    plain = pipe.generate(PROMPTS, steps=STEPS, seed=5, sampler="unipc")
+    np.testing.assert_array_equal(plain, pipe.generate(PROMPTS, steps=STEPS, seed=5, sampler="unipc", negative_prompt=""))
+    negative = pipe.generate(PROMPTS, steps=STEPS, seed=5, sampler="unipc", negative_prompt="a small green triangle")
+    assert not np.array_equal(plain, negative)
+    unguided = pipe.generate(PROMPTS, steps=STEPS, seed=5, sampler="unipc", negative_prompt="a triangle", cfg_scale=1.0)
+    np.testing.assert_array_equal(unguided, pipe.generate(PROMPTS, steps=STEPS, seed=5, sampler="unipc", cfg_scale=1.0))
+    out = tmp_path / "negative.npy"
+    args = ["--workdir", str(run), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--steps", str(STEPS), "--seed", "5",
+            "--sampler", "unipc", "--negative-prompt", "a small green triangle", "--out", str(out)]
+    assert sample_script.main(args) == 0
+    np.testing.assert_array_equal(np.load(out), negative)
 
 
 def test_sample_py_takes_the_flow_samplers(run, tmp_path, capsys):

@@ -190,7 +190,7 @@ def test_config_names_a_condition_without_the_model_input_and_the_reverse():
 # --- the samplers ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sampler", ["euler", "heun", "ddim", "ddpm"])
+@pytest.mark.parametrize("sampler", ["euler", "heun", "unipc", "ddim", "ddpm"])
 def test_every_sampler_keeps_the_given_frames_after_every_step(sampler):
     shape = (4, 2, 2, 3)
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(2))
@@ -202,7 +202,7 @@ def test_every_sampler_keeps_the_given_frames_after_every_step(sampler):
         jax.debug.callback(lambda x: seen.append(np.asarray(x)), x)
         return jnp.sin(3 * x) + 0.01 * t.reshape(-1, 1, 1, 1, 1)
 
-    if sampler in ("euler", "heun"):
+    if sampler in ("euler", "heun", "unipc"):
         run = lambda: sampling.sample_flow(denoise, keys, shape, steps=4, sampler=sampler, prediction="v",
                                            given=(given, mask))
     else:
