@@ -41,7 +41,11 @@ def codec_class(kind: str):
         from jaxdit.codec.sd_vae import SDVAE
 
         return SDVAE
-    raise ValueError(f"unknown codec kind {kind!r}: one of identity, autoencoder, linear, sd_vae.")
+    if kind == "wan_vae":
+        from jaxdit.codec.wan_vae import WanVAE
+
+        return WanVAE
+    raise ValueError(f"unknown codec kind {kind!r}: one of identity, autoencoder, linear, sd_vae, wan_vae.")
 
 
 def make_codec(config: CodecConfig):

@@ -1,0 +1,81 @@
+"""Wan 2.1's VAE as a jaxdit codec: parity with diffusers' AutoencoderKLWan on a tiny random model
+(tests/fixtures/wan_vae, made by its make_fixture.py in a side environment; diffusers' reference run in
+float64), causality in time, the codec directory, and the converter's checks."""
+
+import json
+import pathlib
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdit import codec as codecs
+from jaxdit.convert import read_tensors
+from jaxdit.convert.wan_vae import convert, wan_vae
+
+FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "wan_vae"
+CONFIG = json.loads((FIXTURE / "config.json").read_text())
+
+
+def channels_last(video: np.ndarray) -> np.ndarray:
+    return video.transpose(0, 2, 3, 4, 1)  # diffusers' (B, C, T, H, W) -> (B, T, H, W, C)
+
+
+@pytest.fixture(scope="module")
+def vae_and_reference():
+    tensors = read_tensors(FIXTURE / "vae.safetensors", what="a Wan VAE's weights")
+    reference = {name: channels_last(value) for name, value in np.load(FIXTURE / "reference.npz").items()
+                 if value.ndim == 5}
+    return wan_vae(CONFIG, tensors), tensors, reference
+
+
+def test_encode_and_decode_match_diffusers(vae_and_reference):
+    vae, _, ref = vae_and_reference
+    video = jnp.asarray(ref["video"])  # (2, 9, 16, 24, 3): 1 + 4 * 2 frames, non-square
+    assert vae.latent_shape(video.shape) == (2, 3, 2, 3, 4) and vae.factors == (4, 8, 8)
+    mean, logvar = vae.encode_moments(video)
+    np.testing.assert_allclose(mean, ref["mean"], atol=1e-5)
+    np.testing.assert_allclose(logvar, ref["logvar"], atol=1e-5)
+    np.testing.assert_allclose(vae.encode(video), ref["latents"], atol=1e-5)  # (mean - latents_mean) / latents_std
+    np.testing.assert_allclose(vae.decode_z(jnp.asarray(ref["mean"])), ref["decoded"], atol=2e-5)
+    np.testing.assert_allclose(vae.decode(jnp.asarray(ref["latents"])), ref["decoded"], atol=2e-5)
+
+
+def test_it_is_causal_in_time(vae_and_reference):
+    vae, _, ref = vae_and_reference
+    video = jnp.asarray(ref["video"])
+    first, _ = vae.encode_moments(video[:, :1])  # the first frame alone: the first latent frame
+    np.testing.assert_allclose(first, ref["mean"][:, :1], atol=1e-5)
+    five, _ = vae.encode_moments(video[:, :5])  # 1 + 4 frames: the first two latent frames
+    np.testing.assert_allclose(five, ref["mean"][:, :2], atol=1e-5)
+    head = vae.decode_z(jnp.asarray(ref["mean"][:, :2]))  # two latent frames: the first 5 frames
+    np.testing.assert_allclose(head, ref["decoded"][:, :5], atol=2e-5)
+    with pytest.raises(ValueError, match="use 1 \\+ 4k frames"):
+        vae.encode(video[:, :8])
+
+
+def test_a_converted_folder_is_a_codec_directory(vae_and_reference, tmp_path):
+    vae, _, ref = vae_and_reference
+    folder = tmp_path / "Wan2.1-T2V-tiny" / "vae"  # a pipeline folder: its vae/ is read
+    folder.mkdir(parents=True)
+    shutil.copy(FIXTURE / "config.json", folder / "config.json")
+    shutil.copy(FIXTURE / "vae.safetensors", folder / "diffusion_pytorch_model.safetensors")
+    out = convert(folder.parent, tmp_path / "codec")
+    loaded = codecs.load(out)
+    assert loaded.kind == "wan_vae" and codecs.describe(out)["spec"]["latents_std"] == CONFIG["latents_std"]
+    video = jnp.asarray(ref["video"])
+    np.testing.assert_array_equal(codecs.jitted(loaded)(video), codecs.jitted(vae)(video))
+
+
+def test_the_converter_names_what_does_not_fit(vae_and_reference):
+    _, tensors, _ = vae_and_reference
+    broken = dict(tensors)
+    del broken["decoder.up_blocks.1.upsamplers.0.time_conv.bias"]
+    broken["encoder.extra.weight"] = np.zeros((1, 1, 1, 1), np.float32)
+    broken["quant_conv.weight"] = np.zeros((8, 8, 3, 1, 1), np.float32)
+    with pytest.raises(ValueError, match=r"lacks 1: decoder\.up_blocks\.1\.upsamplers\.0\.time_conv\.bias.*does not "
+                                         r"expect: encoder\.extra\.weight.*quant_conv\.weight \(8, 8, 3, 1, 1\)"):
+        wan_vae(CONFIG, broken)
+    with pytest.raises(ValueError, match="is_residual=True.*not Wan 2.2's"):
+        wan_vae({**CONFIG, "is_residual": True}, tensors)
