@@ -137,6 +137,9 @@ class VideoDiT(nnx.Module):
         block_c = c  # (B, D), or with shared modulation its projection (B, chunks, D)
         if cfg.modulation == "shared":
             block_c = self.shared_modulation(nnx.silu(c)).reshape(c.shape[0], -1, c.shape[-1])  # (B, chunks, D)
+        if cfg.has_text and cfg.text_padding == "attended":  # Wan: the padding's features are zeros, and attended
+            text = jnp.where(text_mask[..., None], text, 0).astype(text.dtype)  # (B, L, E)
+            text_mask = jnp.ones_like(text_mask)  # (B, L)
         if self.text_proj is not None:
             text = self.text_proj(text.astype(dtype))  # (B, L, D)
 

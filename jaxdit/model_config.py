@@ -20,6 +20,7 @@ from jaxdit.options import (
     QK_NORM_SCOPES,
     REMAT_POLICIES,
     ROPE_PAIRS,
+    TEXT_PADDINGS,
     check_choice,
     check_minimums,
 )
@@ -99,6 +100,9 @@ class ModelConfig:
     text_projection: bool = False
     pooled_text: bool = True  # the mean of the text tokens, through an MLP, is part of c (False: Wan)
     mlp_width: int = 0  # the MLP's hidden width; 0: width * mlp_ratio
+    # Cross-attention over the caption's tokens only ("masked"), or over every token up to text.max_length,
+    # the padding's features zero ("attended": Wan, whose umT5 features are zero-padded to 512 and all attended).
+    text_padding: str = "masked"
     # In training, each sample hides a fraction U(0, token_mask_ratio) of its video tokens behind a
     # learned mask embedding (MDT / MaskDiT): their prediction must come from the other tokens,
     # which teaches the model how the tokens of one clip depend on each other. 0: off.
@@ -142,7 +146,7 @@ class ModelConfig:
         check_minimums("model", self, mlp_width=0)
         for name, choices in (
             ("qk_norm_scope", QK_NORM_SCOPES), ("rope_pairs", ROPE_PAIRS), ("modulation", MODULATIONS),
-            ("cross_norm", CROSS_NORMS), ("final_layer", FINAL_LAYERS),
+            ("cross_norm", CROSS_NORMS), ("final_layer", FINAL_LAYERS), ("text_padding", TEXT_PADDINGS),
         ):
             check_choice(f"model.{name}", getattr(self, name), choices)
         if self.text_dim and not (self.pooled_text or self.cross_attention):
@@ -192,6 +196,6 @@ class ModelConfig:
 # T2V: ModelConfig(variant="wan1.3B/1x2x2", in_channels=16, text_dim=4096, mlp_width=8960, **WAN_LAYOUT).
 WAN_LAYOUT = dict(
     positions="rope", qk_norm=True, qk_norm_scope="all_heads", rope_pairs="interleaved", modulation="shared",
-    cross_norm="layernorm", final_layer="table", text_projection=True, pooled_text=False,
+    cross_norm="layernorm", final_layer="table", text_projection=True, pooled_text=False, text_padding="attended",
 )
 WAN_MLP_WIDTHS = {"wan1.3B": 8960, "wan14B": 13824}

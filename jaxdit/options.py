@@ -31,6 +31,7 @@ ROPE_PAIRS = ("halves", "interleaved")  # rotated pairs (j, j + Dh/2), or (2j, 2
 MODULATIONS = ("per_block", "shared")  # adaLN's Linear in every block, or one for all plus a table per block
 CROSS_NORMS = ("adaln", "layernorm")  # cross-attention behind adaLN with a gate, or a LayerNorm and no gate
 FINAL_LAYERS = ("adaln", "table")  # the final shift and scale from Linear(SiLU(c)), or a table plus c
+TEXT_PADDINGS = ("masked", "attended")  # cross-attention skips the caption's padding, or attends its zeros
 # The mesh axis over which video tokens are split along the sequence (jaxdit.sharding builds the mesh).
 CONTEXT_AXIS = "context"
 # What a block keeps for the backward pass: everything, nothing (recompute the block),

@@ -45,10 +45,17 @@ def test_the_transformer_matches_diffusers(imported):
     text = jnp.asarray(ref["encoder_hidden_states"])  # the second caption zero-padded, every token attended
     np.testing.assert_allclose(model.text_proj(text), ref["text_embeds"], atol=1e-6)
     # Non-square and multi-frame: 3 latent frames of 4x6, 18 tokens.
-    out = model(jnp.asarray(channels_last(ref["hidden_states"])), t, text=text)  # (B, T, H, W, C)
+    x = jnp.asarray(channels_last(ref["hidden_states"]))
+    # The caption's mask marks the second one's last 3 tokens as padding: Wan attends them (as zeros) all the same.
+    mask = jnp.asarray([[True] * 7, [True] * 4 + [False] * 3])
+    assert config.text_padding == "attended"
+    out = model(x, t, text=text, text_mask=mask)  # (B, T, H, W, C)
     expected = channels_last(ref["output"])
     assert out.shape == expected.shape
     assert np.abs(np.asarray(out) - expected).max() <= 1e-5 * np.abs(expected).max()
+    np.testing.assert_array_equal(out, model(x, t, text=text))  # the padding's features are zeros already
+    noisy = text.at[1, 4:].set(1.0)  # what sits under the padding is replaced by zeros, never read
+    np.testing.assert_array_equal(out, model(x, t, text=noisy, text_mask=mask))
 
 
 def test_interleaved_rope_is_wans_table(imported):
@@ -86,6 +93,17 @@ def test_the_wan_layout_trains_under_scan_layers_as_unrolled(imported):
     nnx.update(scanned, stack_blocks(nnx.state(model)))
     x, t, text = jnp.asarray(channels_last(ref["hidden_states"])), jnp.asarray(ref["timestep"]), ref["encoder_hidden_states"]
     np.testing.assert_allclose(scanned(x, t, text=jnp.asarray(text)), model(x, t, text=jnp.asarray(text)), atol=1e-5)
+
+
+def test_masked_padding_is_another_model(imported):
+    model, config, _, ref = imported
+    masked = VideoDiT(ModelConfig(**{**config.__dict__, "text_padding": "masked"}), rngs=nnx.Rngs(1))
+    nnx.update(masked, nnx.state(model))
+    x, t, text = (jnp.asarray(a) for a in (channels_last(ref["hidden_states"]), ref["timestep"], ref["encoder_hidden_states"]))
+    mask = jnp.asarray([[True] * 7, [True] * 4 + [False] * 3])
+    out, wan = masked(x, t, text=text, text_mask=mask), model(x, t, text=text, text_mask=mask)
+    np.testing.assert_allclose(out[0], wan[0], atol=1e-6)  # the full caption: the same
+    assert not np.allclose(out[1], wan[1], atol=1e-4)  # the padded one: Wan attends its zeros, masked skips them
 
 
 def test_a_state_dict_that_does_not_fit_is_refused_naming_each_tensor(imported):
