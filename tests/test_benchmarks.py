@@ -87,6 +87,16 @@ def test_compare_torch_benchmark(tmp_path, capsys):
     assert all(math.isfinite(record[key]) and record[key] > 0 for key in parts), {key: record.get(key) for key in parts}
 
 
+def test_compare_wan_benchmark():
+    pytest.importorskip("torch", reason="benchmarks/compare_wan.py needs torch: pip install -e '.[compare]'")
+    pytest.importorskip("diffusers", reason="benchmarks/compare_wan.py needs diffusers: pip install -e '.[compare]'")
+    figures = benchmark("compare_wan").main(["--layers", "1", "--frames", "1", "--height", "4", "--width", "4",
+                                              "--steps", "2", "--rounds", "1"])
+    assert figures["forward_difference"] < 1e-4 and figures["sampling_difference"] < 1e-4  # the same model on both sides
+    for part in ("forward", "sampling"):
+        assert figures[part]["speedup"] == pytest.approx(figures[part]["pytorch"] / figures[part]["jaxdit"])
+
+
 def test_prompt_adherence_shape_confusion():
     """Real clips are read as the shape asked; a caption asking another shape lands off the diagonal."""
     from jaxdit.data.judge import judge
