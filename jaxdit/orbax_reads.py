@@ -7,6 +7,7 @@ import gc
 import logging
 import os
 import sys
+import warnings
 
 
 @contextlib.contextmanager
@@ -31,7 +32,9 @@ def quiet_failed_reads():
         raise
     finally:
         if failed:  # the abandoned reads' coroutines and tasks, closed as they are collected
-            gc.collect()
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
+                gc.collect()
         logger.setLevel(level)
         # After a failure, late callbacks and coroutines the error's traceback holds are still to come.
         sys.unraisablehook = _ignoring_closed_loops(hook) if failed else hook
