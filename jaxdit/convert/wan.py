@@ -12,7 +12,7 @@ patch embedding becomes a Linear over patches flattened as (pt ph pw c), jaxdit'
 
 import einops
 import numpy as np
-from flax.traverse_util import flatten_dict, unflatten_dict
+from flax.traverse_util import unflatten_dict
 
 from jaxdit.convert import some
 from jaxdit.model_config import VARIANTS, WAN_LAYOUT, ModelConfig
@@ -163,7 +163,3 @@ def _linear(params: dict, path: tuple, tensors: dict[str, np.ndarray], key: str)
     params[(*path, "kernel")] = einops.rearrange(tensors[f"{key}.weight"], _LINEAR)
     params[(*path, "bias")] = tensors[f"{key}.bias"]
 
-
-def flat_paths(params: dict) -> set[tuple]:
-    """The parameter paths of a nested dict (to compare with a VideoDiT's)."""
-    return set(flatten_dict(params))
