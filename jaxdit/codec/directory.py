@@ -16,6 +16,9 @@ from flax import nnx
 SPEC_FILE, PARAMS_DIR = "codec.json", "params"
 RUN_CODEC_DIR = "codec"  # a codec-training run writes its frozen codec into workdir/codec/
 RUN_RECORD = "frozen_codec.json"  # a DiT run's copy of the codec.json of the saved codec it trains on
+# Spec entries that change how a codec computes, not the latents it makes, so a run does not compare them:
+# the Wan VAE's latent frames per decoded chunk.
+RUNTIME_SPEC = ("decode_chunk",)
 
 
 def save(codec, directory, **notes) -> pathlib.Path:
@@ -52,9 +55,15 @@ def describe(path) -> dict:
     return json.loads((codec_directory(path) / SPEC_FILE).read_text())
 
 
+def _latents_defining(description: dict) -> dict:
+    spec = {k: v for k, v in description.get("spec", {}).items() if k not in RUNTIME_SPEC}
+    return {**description, "spec": spec} if "spec" in description else description
+
+
 def check_unchanged(path, recorded: dict, user: str) -> None:
-    """A ValueError when the codec at `path` is no longer the one `user` recorded (its codec.json)."""
-    current = describe(path)
+    """A ValueError when the codec at `path` is no longer the one `user` recorded (its codec.json, less
+    RUNTIME_SPEC)."""
+    current, recorded = _latents_defining(describe(path)), _latents_defining(recorded)
     if current != recorded:
         changed = sorted(k for k in set(current) | set(recorded) if current.get(k) != recorded.get(k))
         details = ", ".join(f"{k}: {recorded.get(k)!r} then, {current.get(k)!r} now" for k in changed)

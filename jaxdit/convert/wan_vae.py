@@ -3,6 +3,9 @@
     vae = wan_vae(config, tensors)       # config.json as a dict, the state_dict by key -> a WanVAE
     python -m jaxdit.convert.wan_vae Wan2.1-T2V-1.3B-Diffusers --out codecs/wan21_vae   # a codec directory
 
+The codec decodes one latent frame at a time after frame 0 (`--decode-chunk`, saved in codec.json; 0 decodes
+the whole clip at once): the same video, with the decoder's activations of 4 frames instead of the clip's.
+
 jaxdit's module tree mirrors diffusers' names, so the mapping is a renaming: torch's convolution weights
 (O, I, kt, kh, kw) and (O, I, kh, kw) become flax kernels (kt, kh, kw, I, O) and (kh, kw, I, O), the
 spatial convolution of a resample block (`resample.1`, after diffusers' padding layer) is `resample`,
@@ -19,7 +22,7 @@ import numpy as np
 from flax import nnx
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from jaxdit.codec.wan_vae import WanVAE
+from jaxdit.codec.wan_vae import DECODE_CHUNK, WanVAE
 from jaxdit.convert import read_tensors, some
 
 _CONV_LAYOUTS = {5: (2, 3, 4, 1, 0), 4: (2, 3, 1, 0)}  # torch (O, I, *kernel) -> flax (*kernel, I, O)
@@ -62,9 +65,10 @@ def to_jaxdit(key: str, tensor: np.ndarray) -> np.ndarray:
     return tensor
 
 
-def wan_vae(config: dict, tensors: dict[str, np.ndarray]) -> WanVAE:
-    """A WanVAE with the weights of a diffusers AutoencoderKLWan state_dict (checked first)."""
-    vae = WanVAE(**wan_vae_spec(config), rngs=nnx.Rngs(0))
+def wan_vae(config: dict, tensors: dict[str, np.ndarray], *, decode_chunk: int = DECODE_CHUNK) -> WanVAE:
+    """A WanVAE with the weights of a diffusers AutoencoderKLWan state_dict (checked first), decoding
+    `decode_chunk` latent frames at a time."""
+    vae = WanVAE(**wan_vae_spec(config), decode_chunk=decode_chunk, rngs=nnx.Rngs(0))
     params = nnx.state(vae, nnx.Param)
     expected = {path: value.shape for path, value in flatten_dict(nnx.to_pure_dict(params)).items()}
     converted = {jaxdit_path(key): to_jaxdit(key, value) for key, value in tensors.items()}
@@ -87,9 +91,10 @@ def wan_vae(config: dict, tensors: dict[str, np.ndarray]) -> WanVAE:
     return vae
 
 
-def convert(src, out) -> pathlib.Path:
+def convert(src, out, *, decode_chunk: int = DECODE_CHUNK) -> pathlib.Path:
     """Reads a diffusers AutoencoderKLWan folder `src` (config.json and diffusion_pytorch_model.safetensors, or
-    the `vae/` folder of a Wan pipeline), writes the codec directory `out`."""
+    the `vae/` folder of a Wan pipeline), writes the codec directory `out`, decoding `decode_chunk` latent
+    frames at a time."""
     from jaxdit import codec
 
     src = pathlib.Path(src)
@@ -99,7 +104,8 @@ def convert(src, out) -> pathlib.Path:
             f"no config.json in {str(src)!r} or its vae/: give a diffusers AutoencoderKLWan folder (or a Wan pipeline's)."
         )
     weights = folder / "diffusion_pytorch_model.safetensors"
-    vae = wan_vae(json.loads((folder / "config.json").read_text()), read_tensors(weights, what="a Wan VAE's weights"))
+    tensors = read_tensors(weights, what="a Wan VAE's weights")
+    vae = wan_vae(json.loads((folder / "config.json").read_text()), tensors, decode_chunk=decode_chunk)
     return codec.save(vae, out, source=str(weights))
 
 
@@ -109,9 +115,11 @@ def main(argv=None) -> None:
     )
     parser.add_argument("src", help="a diffusers AutoencoderKLWan folder, or a Wan 2.1 pipeline folder (its vae/)")
     parser.add_argument("--out", required=True, help="the codec directory to write")
+    parser.add_argument("--decode-chunk", type=int, default=DECODE_CHUNK,
+                        help="latent frames decoded at a time after frame 0 (0: the whole clip at once)")
     args = parser.parse_args(argv)
     try:
-        out = convert(args.src, args.out)
+        out = convert(args.src, args.out, decode_chunk=args.decode_chunk)
     except (FileNotFoundError, ValueError) as err:
         sys.exit(f"error: {err}")
     print(f"wrote the Wan VAE codec to {out} (use it with --codec.kind saved --codec.path {out})")
