@@ -14,10 +14,17 @@ per prompt), .png (a row of frames per sample, its prompt above), .npy (the uint
 Unset options come from the run's `sample` config; the frames and size from its `data` config (any
 other that the patch and codec divide works, with a warning if the run did not train on it; one frame
 is an image). --image, --last-image and --video prompt a run trained with frame conditioning with the
-frames every video begins or ends with (docs/generation.md). The same seed gives the same pixels on any number of devices. A class-conditional model (no text) takes class indices, as
---class-label 207 360 (or as prompts); an imported DiT (python -m jaxdit.convert.dit) so:
+frames every video begins or ends with (docs/generation.md). --fsdp, --context, --param-dtype and --dtype
+fit a large model on several devices (docs/generation.md). The same seed gives the same pixels on any
+number of devices. A class-conditional model (no text) takes class indices, as --class-label 207 360
+(or as prompts); an imported DiT (python -m jaxdit.convert.dit) so:
 
     python sample.py --workdir runs/dit_xl2_256 --class-label 207 360 387 974 88 979 417 279 --out grid.png
+
+and Wan 2.1 converted from its diffusers folder (python -m jaxdit.convert.wan, docs/wan.md) so:
+
+    python sample.py --workdir runs/wan21_t2v_1.3b --prompt "A cat walks on the grass, realistic style" \
+        --negative-prompt "blurry, low quality" --height 480 --width 832 --num-frames 81 --sampler unipc --out cat.mp4
 """
 
 import argparse
@@ -99,6 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context", type=int, default=1,
                         help="split each video's tokens over this many devices (context parallelism, for long "
                              "videos); it must divide the local devices (default: 1)")
+    parser.add_argument("--fsdp", type=int, default=1,
+                        help="split the model's parameters over this many devices (FSDP), for models too large for "
+                             "one device's memory; --fsdp x --context must divide the local devices (default: 1)")
+    parser.add_argument("--param-dtype", default="float32", metavar="DTYPE",
+                        help="the dtype the parameters are kept in on the devices: bfloat16 halves their memory "
+                             "(default: float32)")
+    parser.add_argument("--dtype", metavar="DTYPE",
+                        help="the model's computation dtype, float32 or bfloat16 (default: the run's model.dtype)")
     parser.add_argument("--fps", type=float, help="frames per second of .mp4/.gif (default: the run's sample.fps)")
     parser.add_argument("--edit", metavar="PATH",
                         help="SDEdit: a video, image or .npy clip to redraw with the prompt (its first --num-frames "
@@ -139,7 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     given_size = edit is not None or bool(references)  # the clip or image gives the size (resized above if asked)
 
     try:
-        pipe = Pipeline.load(args.workdir, step=args.step, context=args.context, text_path=args.text_path)
+        pipe = Pipeline.load(
+            args.workdir, step=args.step, context=args.context, fsdp=args.fsdp, param_dtype=args.param_dtype,
+            dtype=args.dtype, text_path=args.text_path,
+        )
         model = pipe.config.model
         if args.class_label and (not model.num_classes or model.has_text):
             parser.error(f"--class-label needs a class-conditional model without text; {args.workdir} "

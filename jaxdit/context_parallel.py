@@ -84,11 +84,11 @@ def split_tokens(tokens: jax.Array, rope=None):
     tokens (B, N, D), rope (cos, sin) each (N, Dh/2) or None -> (tokens (B, N', D), rope (N', Dh/2),
     key mask (B, N') or None), N' the next multiple of the context size. The padding tokens are
     zeros, masked as keys in self-attention; their outputs are cut off by `gather_tokens`. With
-    a context size of 1 nothing changes.
+    a context size of 1 the tokens only stay split over the batch.
     """
     context = context_size()
     if context == 1:
-        return tokens, rope, None
+        return _split_batch(tokens), rope, None
     n = tokens.shape[1]
     pad = -n % context
     mask = None
@@ -99,6 +99,14 @@ def split_tokens(tokens: jax.Array, rope=None):
         mask = jnp.broadcast_to(jnp.arange(n + pad) < n, tokens.shape[:2])  # (B, N')
     spec = PartitionSpec(_batch_axes(tokens.shape[0]), CONTEXT_AXIS, None)
     return jax.lax.with_sharding_constraint(tokens, spec), rope, mask  # (B, N', D), split along N'
+
+
+def _split_batch(tokens: jax.Array) -> jax.Array:
+    """Tokens (B, N, D) held split over the batch on a mesh without a context axis (data and fsdp), so that
+    each device computes its own examples; unconstrained, XLA may follow the fsdp-split parameters instead
+    and compute every example for a share of the heads, gathering activations rather than weights."""
+    axes = _batch_axes(tokens.shape[0])
+    return tokens if axes is None else jax.lax.with_sharding_constraint(tokens, PartitionSpec(axes, None, None))
 
 
 def gather_tokens(tokens: jax.Array, n: int) -> jax.Array:

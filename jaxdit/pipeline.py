@@ -8,7 +8,8 @@ Generation is one jitted program per (sampler, steps, shape, batch): encode the 
 run the whole reverse diffusion as a `lax.scan` with classifier-free guidance batched into
 one forward pass, decode with the frozen codec, clip and convert to uint8. Samples are split
 over every local device, or with `context` > 1 each sample's video tokens over groups of that
-many devices (`jaxdit.context_parallel`) and the samples over the groups. Sample j (prompts in order, the samples of a prompt adjacent) starts
+many devices (`jaxdit.context_parallel`) and the samples over the groups; with `fsdp` > 1 the
+parameters are split over groups of that many devices too (`Pipeline`). Sample j (prompts in order, the samples of a prompt adjacent) starts
 from the noise of fold_in(key(seed), j), so the same seed gives the same videos on any number
 of devices and at any batch size. `VideoSampler` is that program; train.py uses it too.
 """
@@ -30,13 +31,15 @@ from jaxdit import context_parallel, frames, frozen_text, host, sampling
 from jaxdit.checkpoint import Checkpointer
 from jaxdit.codec import frozen_codec_state, make_codec, to_uint8
 from jaxdit.config import Config
-from jaxdit.sharding import batch_sharding, data_parallel_size, make_mesh
+from jaxdit.options import DTYPES, check_choice
+from jaxdit.sharding import batch_sharding, data_parallel_size, make_mesh, state_sharding
 from jaxdit.text import make_tokenizer
 from jaxdit.train_step import abstract_train_state, flow_shift, model_graphdef
 
 log = logging.getLogger(__name__)
 
 DEFAULT_STRENGTH = 0.8  # SDEdit: the share of the denoising path rerun from the edited clip (diffusers' default)
+PIXEL_TYPES = ("uint8", "float")  # what generate returns: uint8 frames, or float32 in [0, 1] (diffusers' "np")
 
 
 def conditions(config: Config, prompts: list[str], negative_prompt: str = "") -> tuple[dict, dict]:
@@ -136,6 +139,7 @@ class VideoSampler:
         cfg_scale: float, num_frames: int, height: int, width: int, batch_size: int | None = None,
         progress: bool = False, edit: np.ndarray | None = None, strength: float = 1.0,
         head: np.ndarray | None = None, tail: np.ndarray | None = None, negative_prompt: str = "",
+        noise: np.ndarray | None = None, pixels: str = "uint8",
     ) -> np.ndarray:
         """One video per prompt (repeat a prompt for several samples) -> uint8 (B, T, H, W, 3).
 
@@ -143,10 +147,14 @@ class VideoSampler:
         latents noised to `strength` of the path (`sampling.sdedit_start`) instead of from noise.
         head, tail: frame conditioning (`jaxdit.frames`): uint8 frames (k, H, W, 3) that begin (end) every
         video, each encoded on its own; the model generates the rest.
+        noise: every video's starting noise (B, T, H, W, C) of the latent shape, instead of the seed's draw.
+        pixels: "uint8", or "float" for float32 frames in [0, 1].
         """
         config = self.config
         sampler = sampling.check_sampler(sampler, steps, config.diffusion.num_steps, config.diffusion.process)
+        check_choice("pixels", pixels, PIXEL_TYPES)
         shape = self.latent_shape(num_frames, height, width)
+        noise = self._check_noise(noise, len(prompts), shape)
         references = self._check_references(head, tail, shape, num_frames, height, width, edit is not None)
         skipped = 0  # SDEdit: the steps of the path not rerun
         if edit is not None:
@@ -163,7 +171,9 @@ class VideoSampler:
         devices = data_parallel_size(self.mesh)  # the devices that hold different samples
         batch = devices * math.ceil(min(batch_size or total, total) / devices)  # a multiple of them
         layout = tuple(None if r is None else r.shape[0] for r in (head, tail))  # pixel frames given at each end
-        program = self._program(sampler, steps, eta, guided, shape, batch, progress, skipped, edit is not None, layout)
+        program = self._program(
+            sampler, steps, eta, guided, shape, batch, progress, skipped, edit is not None, layout, noise is not None, pixels
+        )
         bar = _progress_bar(math.ceil(total / batch) * (steps - skipped), enabled=progress)
         frozen = (self._codec_state, self._text_state)
         edited = () if edit is None else _global((edit,), self.mesh, replicate=True)  # copied to the devices once
@@ -175,8 +185,9 @@ class VideoSampler:
                 index = np.arange(start, start + batch)  # (b,) sample indices; past `total`: padding
                 take = np.minimum(index, total - 1)
                 cond_chunk, null_chunk = ({name: value[take] for name, value in arrays.items()} for arrays in (cond, null))
-                inputs = (cond_chunk, null_chunk, index.astype(np.int32), np.uint32(seed), np.float32(cfg_scale))
-                out = program(params, model_rngs, *frozen, *_global(inputs, self.mesh), *edited)  # (b, T, H, W, 3) uint8
+                noise_chunk = None if noise is None else noise[take]
+                inputs = (cond_chunk, null_chunk, index.astype(np.int32), noise_chunk, np.uint32(seed), np.float32(cfg_scale))
+                out = program(params, model_rngs, *frozen, *_global(inputs, self.mesh), *edited)  # (b, T, H, W, 3)
                 videos.append(_to_host(out)[: total - start])
             jax.effects_barrier()
         return np.concatenate(videos)
@@ -211,10 +222,26 @@ class VideoSampler:
             )
         return tuple(given.values())
 
-    def _program(self, sampler, steps, eta, guided, shape, batch, progress, start=0, editing=False, layout=(None, None)):
-        key = (sampler, steps, eta, guided, shape, batch, progress, start, editing, layout)
+    def _check_noise(self, noise, total: int, shape: tuple) -> np.ndarray | None:
+        """The given starting noise as float32 (total, *sampled shape), or None; an image's one latent frame is
+        repeated to fill a temporal patch, as the sampler does."""
+        if noise is None:
+            return None
+        noise = np.asarray(noise, np.float32)
+        if noise.shape != (total, *shape):
+            raise ValueError(
+                f"the starting noise must be one latent video per sample, (samples, T, H, W, C) = {(total, *shape)} "
+                f"for these prompts and this size; got {noise.shape}."
+            )
+        if shape[0] == 1:
+            noise = np.repeat(noise, self.config.model.patch[0], axis=1)
+        return noise
+
+    def _program(self, sampler, steps, eta, guided, shape, batch, progress, start=0, editing=False,
+                 layout=(None, None), noised=False, pixels="uint8"):
+        key = (sampler, steps, eta, guided, shape, batch, progress, start, editing, layout, noised, pixels)
         if key not in self._programs:
-            self._programs[key] = self._compile(sampler, steps, eta, guided, shape, progress, start, editing, layout)
+            self._programs[key] = self._compile(*key[:5], *key[6:])
         return self._programs[key]
 
     def _given(self, codec, shape, layout, references):
@@ -233,7 +260,7 @@ class VideoSampler:
             mask[:, where] = True
         return given, jnp.asarray(mask)
 
-    def _compile(self, sampler, steps, eta, guided, shape, progress, start, editing, layout):
+    def _compile(self, sampler, steps, eta, guided, shape, progress, start, editing, layout, noised, pixels):
         config, graphdef = self.config, self.graphdef
         channels = shape[-1]
         guided_channels = config.sample.guidance_channels or channels  # checked by Config
@@ -241,7 +268,7 @@ class VideoSampler:
         sampled = (config.model.patch[0] if image else shape[0], *shape[1:])
         conditioned = layout != (None, None)
 
-        def generate(params, model_rngs, codec_state, text_state, cond, null, index, seed, cfg_scale, *arrays):
+        def generate(params, model_rngs, codec_state, text_state, cond, null, index, noise, seed, cfg_scale, *arrays):
             edit, references = (arrays[0], arrays[1:]) if editing else (None, arrays)
             model = nnx.merge(graphdef, params, model_rngs)
             codec = nnx.merge(self._codec_graphdef, codec_state)
@@ -272,16 +299,18 @@ class VideoSampler:
             if config.diffusion.process == "flow":
                 x0 = sampling.sample_flow(
                     denoise, keys, sampled, steps=steps, sampler=sampler, prediction=config.diffusion.prediction,
-                    shift=flow_shift(config, sampled), clip_x0=codec.clip_latents, progress=advance, **sdedit, **kept,
+                    shift=flow_shift(config, sampled), clip_x0=codec.clip_latents, progress=advance, x_T=noise, **sdedit,
+                    **kept,
                 )  # (B, T, H, W, C)
             else:
                 x0 = sampling.sample(
                     denoise, keys, sampled, schedule_kind=config.diffusion.schedule,
                     num_train_steps=config.diffusion.num_steps, steps=steps, sampler=sampler, eta=eta,
                     prediction=config.diffusion.prediction, learn_sigma=config.model.learn_sigma,
-                    clip_x0=codec.clip_latents, progress=advance, **sdedit, **kept,
+                    clip_x0=codec.clip_latents, progress=advance, x_T=noise, **sdedit, **kept,
                 )  # (B, T, H, W, C)
-            return to_uint8(codec.decode(frames.cut_frames(x0, shape[0])))  # (B, T', H', W', 3)
+            video = codec.decode(frames.cut_frames(x0, shape[0]))  # (B, T', H', W', 3) in [-1, 1]
+            return to_uint8(video) if pixels == "uint8" else jnp.clip((video + 1) / 2, 0.0, 1.0)
 
         batched = batch_sharding(self.mesh)
         replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
@@ -289,8 +318,8 @@ class VideoSampler:
         return jax.jit(
             context_parallel.traced_on(self.mesh, generate),
             in_shardings=(
-                self.param_shardings, replicated, replicated, text_shardings, batched, batched, batched, replicated,
-                replicated, *((replicated,) * (editing + sum(count is not None for count in layout))),
+                self.param_shardings, replicated, replicated, text_shardings, batched, batched, batched, batched,
+                replicated, replicated, *((replicated,) * (editing + sum(count is not None for count in layout))),
             ),
             out_shardings=batched,
             compiler_options=host.compiler_options(self.mesh.devices.flat[0].platform),
@@ -354,6 +383,34 @@ def _to_host(array: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
+def _in_dtype(params, dtype: str):
+    """The parameters with their floating-point arrays in `dtype`; other arrays, and those already in it, as they are."""
+    def cast(x):
+        wanted = _stored_dtype(x.dtype, dtype)
+        return x if x.dtype == wanted else x.astype(wanted)
+
+    return jax.tree.map(cast, params)
+
+
+def _stored_dtype(dtype, param_dtype: str):
+    """The dtype an array of `dtype` is kept in: `param_dtype` for floating point, its own otherwise (RNG keys, counts)."""
+    return jnp.dtype(param_dtype) if jnp.issubdtype(dtype, jnp.floating) else dtype
+
+
+def _one_copy(mesh: jax.sharding.Mesh) -> jax.sharding.Mesh:
+    """The devices of `mesh` at data 0 and context 0: together they hold one copy of parameters split over fsdp,
+    each the shard it holds in `mesh`."""
+    return jax.sharding.Mesh(mesh.devices[:1, :, :1], mesh.axis_names, axis_types=mesh.axis_types)
+
+
+def _weights_target(config: Config, mesh: jax.sharding.Mesh, param_dtype: str):
+    """What a checkpoint's weights are read into: the train state's shapes, split over the mesh's fsdp axis, the
+    EMA weights' floating-point arrays in `param_dtype` (cast as they are read: no float32 copy on a device)."""
+    state = abstract_train_state(config, mesh)
+    stored = lambda x: jax.ShapeDtypeStruct(x.shape, _stored_dtype(x.dtype, param_dtype), sharding=x.sharding)
+    return state.replace(ema=jax.tree.map(stored, state.ema))
+
+
 def _progress_bar(total: int, *, enabled: bool):
     from tqdm import tqdm
 
@@ -363,20 +420,31 @@ def _progress_bar(total: int, *, enabled: bool):
 class Pipeline:
     """A trained model ready to generate: `.config`, `.model` (the VideoDiT with EMA weights), `.codec`.
 
-    devices: the devices to generate on (default: every local one). context: split each video's
-    tokens over groups of this many of them (the mesh's context axis), for videos too long for one
-    device's memory; the samples are split over the groups. The pixels are the same.
+    devices: the devices to generate on (default: every local one), a (data, fsdp, context) mesh of them.
+    context: split each video's tokens over groups of this many of them (the mesh's context axis), for
+    videos too long for one device's memory. fsdp: split every large parameter over this many of them
+    (`jaxdit.sharding.state_sharding`), for models too large for one device's memory; XLA gathers a
+    layer's parameters where it runs. The samples are split over data x fsdp. param_dtype: the dtype the
+    parameters are kept in on the devices ("bfloat16" halves their memory); the model computes in
+    `config.model.dtype` whatever it is. The same seed gives the same pixels on any mesh (to float
+    rounding with context or fsdp > 1).
     """
 
-    def __init__(self, config: Config, params, model_rngs, *, step: int | None = None, devices=None, context: int = 1):
+    def __init__(
+        self, config: Config, params, model_rngs, *, step: int | None = None, devices=None, context: int = 1,
+        fsdp: int = 1, param_dtype: str = "float32",
+    ):
+        check_choice("param_dtype", param_dtype, DTYPES)
         self.config, self.step = config, step
         self.codec = make_codec(config.codec)
-        mesh = make_mesh(1, devices=jax.local_devices() if devices is None else devices, context=context)
+        mesh = make_mesh(fsdp, devices=jax.local_devices() if devices is None else devices, context=context)
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         graphdef = model_graphdef(config)
-        params = jax.device_put(params, replicated)
-        self.denoiser = nnx.merge(graphdef, params, jax.device_put(model_rngs, replicated))
-        self._sampler = VideoSampler(config, graphdef, self.codec, mesh, replicated)
+        # Merged and split again: the parameters as `generate` passes them to the sampler, whatever tree came in.
+        _, params, model_rngs = nnx.split(nnx.merge(graphdef, _in_dtype(params, param_dtype), model_rngs), nnx.Param, ...)
+        shardings = state_sharding(params, mesh)
+        self.denoiser = nnx.merge(graphdef, jax.device_put(params, shardings), jax.device_put(model_rngs, replicated))
+        self._sampler = VideoSampler(config, graphdef, self.codec, mesh, shardings)
 
     @property
     def model(self):
@@ -393,26 +461,32 @@ class Pipeline:
     @classmethod
     def load(
         cls, workdir: str | pathlib.Path, *, step: int | None = None, devices=None, context: int = 1,
-        text_path: str | None = None,
+        fsdp: int = 1, param_dtype: str = "float32", dtype: str | None = None, text_path: str | None = None,
     ) -> "Pipeline":
-        """The run's config and the EMA weights of its latest checkpoint (or of `step`); `devices` and
-        `context` as `Pipeline`'s (any context size: the weights do not depend on it).
+        """The run's config and the EMA weights of its latest checkpoint (or of `step`); `devices`, `context`,
+        `fsdp` and `param_dtype` as `Pipeline`'s (any mesh: the weights do not depend on it). The weights are
+        read straight into `param_dtype`, split over fsdp onto one copy's devices, then copied to the others.
 
+        dtype: the model's computation dtype (`model.dtype`: "bfloat16" on accelerators) in place of the run's.
         text_path: where a text.encoder="t5" run's encoder folder is now, if it moved (checked to be the same one).
         """
+        check_choice("param_dtype", param_dtype, DTYPES)
+        if dtype is not None:
+            check_choice("dtype", dtype, DTYPES)
         directory = pathlib.Path(workdir) / "checkpoints"
         if not directory.is_dir():
             raise FileNotFoundError(
                 f"no checkpoints in {str(workdir)!r} (looked for {str(directory)!r}); train a model first, "
                 f"e.g. python train.py --workdir {workdir}"
             )
-        mesh = make_mesh(1, devices=[jax.local_devices()[0]])
+        devices = jax.local_devices() if devices is None else list(devices)
+        mesh = _one_copy(make_mesh(fsdp, devices=devices, context=context))
 
         def read(step):  # the config saved with a checkpoint, then the weights it describes
             config = Config.from_dict(checkpointer.restore_config(step))
             if config.task == "codec":
                 return config, None
-            return config, checkpointer.restore_weights(abstract_train_state(config, mesh), step=step)
+            return config, checkpointer.restore_weights(_weights_target(config, mesh, param_dtype), step=step)
 
         with Checkpointer(directory, read_only=True) as checkpointer:
             if checkpointer.latest_step() is None:
@@ -428,10 +502,15 @@ class Pipeline:
             )
         if text_path is not None:
             config = dataclasses.replace(config, text=dataclasses.replace(config.text, path=os.path.abspath(text_path)))
+        if dtype is not None:
+            config = dataclasses.replace(config, model=dataclasses.replace(config.model, dtype=dtype))
         _check_codec_record(config, pathlib.Path(workdir))
         frozen_text.check_run(config, pathlib.Path(workdir))
         log.info("loaded %s at step %d", workdir, step)
-        return cls(config, state["ema"], state["model_rngs"], step=step, devices=devices, context=context)
+        return cls(
+            config, state["ema"], state["model_rngs"], step=step, devices=devices, context=context, fsdp=fsdp,
+            param_dtype=param_dtype,
+        )
 
     def generate(
         self,
@@ -456,6 +535,8 @@ class Pipeline:
         video: np.ndarray | None = None,
         backward: bool = False,
         negative_prompt: str | None = None,
+        latents: np.ndarray | None = None,
+        pixels: str = "uint8",
     ) -> np.ndarray:
         """Prompts -> uint8 videos (len(prompts) * num_samples, T, H, W, 3), samples of a prompt adjacent.
 
@@ -475,6 +556,11 @@ class Pipeline:
         `image`, a clip that connects them; the same image twice, a loop); video: a uint8 clip (T, H, W, 3)
         continued forward, its last frames leading the new video (the run's train.condition_frames latent
         frames of them), or with `backward` what came before it, its first frames ending the new video.
+
+        latents: the starting noise of every video, float (len(prompts) * num_samples, T, H, W, C) in the
+        model's latent shape (channels last), instead of the seed's draw: to reproduce another
+        implementation's samples from its initial latents. pixels: "uint8" (default) or "float", float32
+        frames in [0, 1] (diffusers' output_type="np").
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts or num_samples < 1:
@@ -524,6 +610,7 @@ class Pipeline:
             num_frames=num_frames, height=height, width=width, batch_size=batch_size, progress=progress,
             edit=edit, strength=strength, head=head, tail=tail,
             negative_prompt=defaults.negative_prompt if negative_prompt is None else negative_prompt,
+            noise=latents, pixels=pixels,
         )
 
     def _given_ends(self, references: dict, backward: bool, height: int, width: int):

@@ -48,7 +48,7 @@ def make_mesh(fsdp: int = 1, devices=None, *, context: int = 1) -> jax.sharding.
     if len(devices) % (fsdp * context):
         raise ValueError(
             f"train.context={context} x train.fsdp={fsdp} = {fsdp * context} does not divide the {len(devices)} "
-            f"devices; pick sizes whose product divides {len(devices)} (sample.py --context: a divisor of it)."
+            f"devices; pick sizes whose product divides {len(devices)} (sample.py: --fsdp x --context)."
         )
     shape = (len(devices) // (fsdp * context), fsdp, context)
     # Auto axes: XLA propagates shardings through the step from the inputs' shardings.

@@ -81,8 +81,8 @@ class T5Spec:
     eos_id: int = 1
 
     @classmethod
-    def from_folder(cls, folder) -> "T5Spec":
-        folder = check_folder(folder)
+    def from_folder(cls, folder, *, tokenizer=None) -> "T5Spec":
+        folder = check_folder(folder, tokenizer=tokenizer)
         config = json.loads((folder / CONFIG_FILE).read_text())
         model_type = config.get("model_type", "")
         architecture = (config.get("architectures") or [f"{model_type.upper()}EncoderModel"])[0]
@@ -111,8 +111,9 @@ class T5Spec:
         )
 
 
-def check_folder(folder) -> pathlib.Path:
-    """The checkpoint folder, or an error naming what is missing from it."""
+def check_folder(folder, *, tokenizer=None) -> pathlib.Path:
+    """The checkpoint folder, or an error naming what is missing from it. tokenizer: the folder holding the
+    tokenizer file when it is not `folder` (a diffusers pipeline's sibling tokenizer/)."""
     folder = pathlib.Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(
@@ -125,8 +126,9 @@ def check_folder(folder) -> pathlib.Path:
         missing.append(CONFIG_FILE)
     if not ((folder / WEIGHTS_FILE).is_file() or (folder / INDEX_FILE).is_file()):
         missing.append(f"{WEIGHTS_FILE} (or {INDEX_FILE})")
-    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        missing.append(" or ".join(TOKENIZER_FILES))
+    tokenizer = folder if tokenizer is None else pathlib.Path(tokenizer)
+    if not any((tokenizer / name).is_file() for name in TOKENIZER_FILES):
+        missing.append(" or ".join(TOKENIZER_FILES) + ("" if tokenizer == folder else f" in {str(tokenizer)!r}"))
     if missing:
         raise FileNotFoundError(
             f"the T5 checkpoint folder {str(folder)!r} has no {', no '.join(missing)}: copy the whole folder that "
@@ -373,14 +375,15 @@ def load(folder, *, max_length: int = 512, dtype=jnp.float32, sharding=None) -> 
     return nnx.merge(graphdef, state), tokenizer
 
 
-def digests(folder) -> dict:
+def digests(folder, *, tokenizer=None) -> dict:
     """sha256 of each weight file and of the tokenizer file: what a run records to refuse another encoder.
 
     Whole files are read (about 10 s for T5-XXL in bfloat16), once per process and file version:
     the digests are kept by (path, size, modification time).
     """
     folder = pathlib.Path(folder)
-    tokenizer = next(folder / name for name in TOKENIZER_FILES if (folder / name).is_file())
+    files = folder if tokenizer is None else pathlib.Path(tokenizer)  # tokenizer: the folder of its file, if not `folder`
+    tokenizer = next(files / name for name in TOKENIZER_FILES if (files / name).is_file())
     return {
         "weights": {path.name: _sha256(path) for path in _weight_files(folder)},
         "tokenizer": {tokenizer.name: _sha256(tokenizer)},
@@ -407,14 +410,15 @@ class T5Tokenizer:
     max_length - 1 tokens and the </s>, as transformers truncates). Same interface as `ByteTokenizer`.
     """
 
-    def __init__(self, folder, *, max_length: int, spec: T5Spec | None = None):
-        folder = check_folder(folder)
+    def __init__(self, folder, *, max_length: int, spec: T5Spec | None = None, tokenizer=None):
+        folder = check_folder(folder, tokenizer=tokenizer)
         spec = spec or T5Spec.from_folder(folder)
         if max_length < 2:
             raise ValueError(f"text.max_length must be at least 2 (one token and </s>), got {max_length}.")
         self.max_length, self.pad_id, self.eos_id = max_length, spec.pad_id, spec.eos_id
         self.truncated = 0
-        path = next(folder / name for name in TOKENIZER_FILES if (folder / name).is_file())
+        files = folder if tokenizer is None else pathlib.Path(tokenizer)  # tokenizer: another folder holds the file
+        path = next(files / name for name in TOKENIZER_FILES if (files / name).is_file())
         self.path = path
         library = "tokenizers" if path.suffix == ".json" else "sentencepiece"
         try:

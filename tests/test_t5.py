@@ -190,6 +190,21 @@ def test_convert_cuts_out_the_encoder(tmp_path, reference):
     assert not (tmp_path / "nothing").exists()  # checked before anything is written
 
 
+def test_convert_takes_the_tokenizer_from_its_own_folder(tmp_path):
+    """A diffusers pipeline's text_encoder/ holds no tokenizer; its sibling tokenizer/ does."""
+    from jaxdit.convert.t5 import main
+
+    weights, tokenizer = tmp_path / "text_encoder", tmp_path / "tokenizer"
+    shutil.copytree(FIXTURES / "umt5", weights)
+    tokenizer.mkdir()
+    (weights / "tokenizer.json").rename(tokenizer / "tokenizer.json")
+    with pytest.raises(SystemExit, match="no tokenizer.json or spiece.model"):
+        main([str(weights), "--out", str(tmp_path / "nothing")])
+    main([str(weights), "--tokenizer", str(tokenizer), "--out", str(tmp_path / "encoder")])
+    assert (tmp_path / "encoder" / "tokenizer.json").read_bytes() == (tokenizer / "tokenizer.json").read_bytes()
+    t5.T5Tokenizer(tmp_path / "encoder", max_length=8)  # a text.path on its own
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # A run with a frozen T5: 2 frames of 16x16 moving shapes, a 2-block DiT.
 

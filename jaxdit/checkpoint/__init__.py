@@ -37,17 +37,18 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from jaxdit.checkpoint.verify import CONFIG, DATA, STATE, read_problem
+from jaxdit.checkpoint.verify import IMPORT_RECORD as IMPORT_RECORD  # where jaxdit.convert writes it
 from jaxdit.config import ConfigError
 from jaxdit.orbax_reads import first_line, quiet_failed_reads
 
 log = logging.getLogger(__name__)
 
-IMPORT_RECORD = "imported.json"  # in a run directory of imported weights (jaxdit.convert): their source
 
 
-def _item_handlers() -> dict:
+def _item_handlers(save_concurrent_gb: int | None = None) -> dict:
+    limit = {} if save_concurrent_gb is None else {"save_concurrent_gb": save_concurrent_gb}
     return {
-        STATE: ocp.StandardCheckpointHandler(),
+        STATE: ocp.StandardCheckpointHandler(**limit),
         DATA: grain.checkpoint.CheckpointHandler(),
         CONFIG: ocp.JsonCheckpointHandler(),
     }
@@ -89,11 +90,13 @@ class Checkpointer:
     read_only: only read (for sampling or evaluation next to a running training): creates nothing and
         leaves the tmp folders of an in-progress save alone, where a writer deletes them.
     quarantine: a restore that falls back moves the damaged checkpoints aside to `STEP.damaged`.
+    save_concurrent_gb: the most gigabytes of arrays being written at once (None: orbax's default, 96),
+        which bounds the host memory a save needs beyond the arrays themselves.
     """
 
     def __init__(
         self, directory, *, keep: int | None = 3, every: int = 1000, async_save: bool = True, read_only: bool = False,
-        quarantine: bool = False,
+        quarantine: bool = False, save_concurrent_gb: int | None = None,
     ):
         if read_only:
             options = _read_only_options()
@@ -107,7 +110,9 @@ class Checkpointer:
             )
         # Absolute: orbax's array writer rejects a relative path when another checkpointer (a codec's) ran meanwhile.
         directory = os.path.abspath(directory)
-        self._manager = ocp.CheckpointManager(directory, options=options, item_handlers=_item_handlers())
+        self._manager = ocp.CheckpointManager(
+            directory, options=options, item_handlers=_item_handlers(save_concurrent_gb)
+        )
         self.directory = self._manager.directory
         self.read_only, self.every, self.keep, self.quarantine = read_only, every, keep, quarantine
         self._last_saved: int | None = None  # the step of this object's newest save, maybe still in flight

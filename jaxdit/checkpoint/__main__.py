@@ -10,7 +10,7 @@ import argparse
 import pathlib
 import sys
 
-from jaxdit.checkpoint.verify import folder_size, read_problem
+from jaxdit.checkpoint.verify import IMPORT_RECORD, folder_size, read_problem
 
 
 def checkpoint_folders(run) -> pathlib.Path:
@@ -41,7 +41,8 @@ def verify(run) -> tuple[list[str], int]:
     newest = steps[-1].name
     good = [s.name for s in steps if problems[s.name] is None]
     if problems[newest] is None:
-        return lines + [f"the newest checkpoint, {newest}, reads: a resume starts there"], 0
+        imported = (directory.parent / IMPORT_RECORD).is_file()  # weights for sampling: nothing to resume
+        return lines + [f"the newest checkpoint, {newest}, reads: {'sampling' if imported else 'a resume'} starts there"], 0
     fallback = f"a resume falls back to {good[-1]}" if good else "no checkpoint reads: nothing to resume from"
     return lines + [f"the newest checkpoint, {newest}, is damaged: {fallback}"], 1
 

@@ -14,10 +14,14 @@ import pathlib
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from jaxdit.orbax_reads import first_line, quiet_failed_reads
 
 STATE, DATA, CONFIG = "state", "data", "config"  # the items of one checkpoint
+IMPORT_RECORD = "imported.json"  # in a run directory of imported weights (jaxdit.convert): their source
+IMPORTED_PARTS = ("ema", "model_rngs")  # what an import's checkpoint holds: weights for sampling, no optimizer
+READ_BYTES = 1 << 30  # arrays read back at once: a checkpoint of any size is checked in pieces of this size
 
 
 class _NoStepMetadataNote(logging.Filter):
@@ -49,14 +53,28 @@ def read_problem(step_dir, *, check_shapes: bool = True) -> str | None:
     if problem:
         return problem
     for key, part in tree.items():
-        item = {key: part}
-        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-        try:
-            with _reader() as reader, quiet_failed_reads():
-                reader.restore(step_dir / STATE, args=ocp.args.PyTreeRestore(item, args, partial_restore=True))
-        except Exception as error:  # a truncated or missing array file: tensorstore names the array
-            return f"{STATE}/{key}: {first_line(error)}"
+        for item in _pieces({key: part}):
+            args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+            try:
+                with _reader() as reader, quiet_failed_reads():
+                    reader.restore(step_dir / STATE, args=ocp.args.PyTreeRestore(item, args, partial_restore=True))
+            except Exception as error:  # a truncated or missing array file: tensorstore names the array
+                return f"{STATE}/{key}: {first_line(error)}"
     return _json_problem(step_dir / CONFIG / "metadata") or _data_problem(step_dir / DATA)
+
+
+def _pieces(tree: dict) -> list[dict]:
+    """A nested dict of array metadata cut into nested dicts of at most READ_BYTES of arrays each (a larger
+    array alone), so that reading a checkpoint back holds one piece at a time, not a whole model."""
+    pieces, size = [{}], 0
+    for path, leaf in flatten_dict(tree, keep_empty_nodes=True).items():
+        nbytes = int(np.prod(getattr(leaf, "shape", ()) or (1,))) * np.dtype(getattr(leaf, "dtype", None) or np.float32).itemsize
+        if pieces[-1] and size + nbytes > READ_BYTES:
+            pieces.append({})
+            size = 0
+        pieces[-1][path] = leaf
+        size += nbytes
+    return [unflatten_dict(piece) for piece in pieces]
 
 
 def _reader() -> ocp.Checkpointer:
@@ -79,9 +97,10 @@ def _shape_problem(step_dir: pathlib.Path, tree) -> str | None:
         return None  # no config, or one that _json_problem reports
     abstract = abstract_train_state(config, make_mesh(1, devices=jax.devices()[:1]))
     stored = ocp.tree.to_flat_dict(tree)
+    imported = (step_dir.parent.parent / IMPORT_RECORD).is_file()
     for path, expected in ocp.tree.to_flat_dict(ocp.tree.serialize_tree(abstract, keep_empty_nodes=True)).items():
-        if jax.dtypes.issubdtype(expected.dtype, jax.dtypes.prng_key):
-            continue  # stored as its key data
+        if jax.dtypes.issubdtype(expected.dtype, jax.dtypes.prng_key) or (imported and path[0] not in IMPORTED_PARTS):
+            continue  # a key is stored as its key data; an import has no optimizer state
         if path not in stored:
             return f"{STATE}/{'.'.join(path)} is missing: the arrays are not of the model the config describes"
         if tuple(stored[path].shape) != tuple(expected.shape):

@@ -10,7 +10,9 @@ or mis-shaped one is named and nothing is written. OUT is again a transformers f
 encoder alone: config.json naming the `...EncoderModel`, the encoder's tensors under their own key
 names in `--dtype` (one model.safetensors, or shards of at most `--shard-gb` with an index), the
 tokenizer files, and `converted.json` saying what it came from. So `text.path`, transformers'
-`T5EncoderModel.from_pretrained` and this command read it alike.
+`T5EncoderModel.from_pretrained` and this command read it alike. A diffusers pipeline keeps its
+tokenizer in a folder of its own: give it with `--tokenizer`, e.g.
+`python -m jaxdit.convert.t5 Wan2.1-T2V-1.3B-Diffusers/text_encoder --tokenizer Wan2.1-T2V-1.3B-Diffusers/tokenizer --out DIR`.
 """
 
 import argparse
@@ -42,25 +44,30 @@ def _shards(tensors: dict[str, np.ndarray], limit: int) -> list[dict[str, np.nda
     return groups
 
 
-def convert(src, out, *, dtype: str = "bfloat16", shard_bytes: int = 5 << 30) -> pathlib.Path:
-    """Writes the encoder of the checkpoint folder `src` into `out` (see the module docstring); returns `out`."""
+def convert(src, out, *, dtype: str = "bfloat16", shard_bytes: int = 5 << 30, tokenizer=None) -> pathlib.Path:
+    """Writes the encoder of the checkpoint folder `src` into `out` (see the module docstring); returns `out`.
+
+    tokenizer: the folder of the tokenizer files, when it is not `src` (a diffusers pipeline's tokenizer/).
+    """
     import jax.numpy as jnp
     from flax import nnx
     from safetensors.numpy import save_file
 
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
-    src, out = t5.check_folder(src), pathlib.Path(out)
+    src, out = t5.check_folder(src, tokenizer=tokenizer), pathlib.Path(out)
+    tokenizer = src if tokenizer is None else pathlib.Path(tokenizer)
     if out.resolve() == src.resolve():
         raise ValueError(f"--out {str(out)!r} is the source folder: write the encoder somewhere else.")
-    spec = t5.T5Spec.from_folder(src)
-    t5.T5Tokenizer(src, max_length=8, spec=spec)  # the tokenizer reads and fits the embedding
+    spec = t5.T5Spec.from_folder(src, tokenizer=tokenizer)
+    t5.T5Tokenizer(src, max_length=8, spec=spec, tokenizer=tokenizer)  # the tokenizer reads and fits the embedding
     tensors = t5.read_weights(src)
     t5.convert(tensors, nnx.eval_shape(lambda: t5.T5Encoder(spec, rngs=nnx.Rngs(0))))  # names what does not fit
     if "shared.weight" not in tensors:  # the encoder's own copy of the tied embedding, under transformers' main name
         tensors["shared.weight"] = tensors["encoder.embed_tokens.weight"]
     tensors.pop("encoder.embed_tokens.weight", None)  # tied to shared.weight: transformers saves one
-    tensors = {key: np.ascontiguousarray(value.astype(jnp.dtype(dtype))) for key, value in tensors.items()}
+    for key, value in tensors.items():  # in place: no second copy of an encoder already in `dtype`
+        tensors[key] = np.ascontiguousarray(value.astype(jnp.dtype(dtype), copy=False))
 
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob("model*.safetensors"), out / t5.INDEX_FILE]:  # from an earlier conversion into out
@@ -83,10 +90,10 @@ def convert(src, out, *, dtype: str = "bfloat16", shard_bytes: int = 5 << 30) ->
     config |= {"architectures": [ENCODER_ARCHITECTURES[config["model_type"]]], "torch_dtype": dtype, "dtype": dtype}
     (out / t5.CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     for name in (*t5.TOKENIZER_FILES, *_TOKENIZER_EXTRAS):
-        if (src / name).is_file():
-            shutil.copyfile(src / name, out / name)
+        if (tokenizer / name).is_file():
+            shutil.copyfile(tokenizer / name, out / name)
     record = {"source": str(src.absolute()), "source_architecture": spec.architecture, "dtype": dtype,
-              "source_sha256": t5.digests(src)["weights"], "parameters": int(sum(v.size for v in tensors.values()))}
+              "source_sha256": t5.digests(src, tokenizer=tokenizer)["weights"], "parameters": int(sum(v.size for v in tensors.values()))}
     (out / RECORD).write_text(json.dumps(record, indent=2) + "\n")
     return out
 
@@ -99,9 +106,12 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True, help="the encoder folder to write (give it as text.path)")
     parser.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="the stored weights (%(default)s)")
     parser.add_argument("--shard-gb", type=float, default=5.0, help="largest weight file, in GB (%(default)s)")
+    parser.add_argument("--tokenizer", help="the folder of the tokenizer files when it is not SRC (a diffusers "
+                                            "pipeline's tokenizer/ beside its text_encoder/)")
     args = parser.parse_args(argv)
     try:
-        out = convert(args.src, args.out, dtype=args.dtype, shard_bytes=int(args.shard_gb * 2**30))
+        out = convert(args.src, args.out, dtype=args.dtype, shard_bytes=int(args.shard_gb * 2**30),
+                      tokenizer=args.tokenizer)
     except (FileNotFoundError, ValueError) as err:
         sys.exit(f"error: {err}")
     record = json.loads((out / RECORD).read_text())
