@@ -276,6 +276,10 @@ class TrainConfig:
     # text only. A leading or trailing clip ("lead", "trail") is condition_frames latent frames.
     condition: str = ""
     condition_frames: int = 1
+    # A run folder (an import of jaxdit.convert, or a jaxdit DiT run) whose EMA weights start this run as
+    # its parameters and EMA, with a fresh optimizer at step 0; its model, diffusion, codec and text settings
+    # become this run's (jaxdit.init_from). Read when the run starts, not after its first checkpoint.
+    init_from: str = ""
 
     def __post_init__(self):
         check_minimums(

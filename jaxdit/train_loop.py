@@ -3,7 +3,8 @@
 `train(config, workdir)` is what `python train.py` runs. It resumes from the newest complete
 checkpoint in `workdir/checkpoints` (state, EMA, optimizer, data position), so a run that is
 killed at any moment loses at most the steps since its last checkpoint, and 2N steps in one go
-give bit for bit the same result as N steps, a restart, and N more.
+give bit for bit the same result as N steps, a restart, and N more. A new run with `train.init_from`
+starts from another run's weights (`jaxdit.init_from`).
 
 Before the first step it reports the data's buckets (clips and batches per shape,
 `jaxdit.data.buckets`) and compiles the train step once for each, ahead of time, logging the compile
@@ -27,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from jaxdit import codec as codecs
-from jaxdit import frozen_text
+from jaxdit import frozen_text, init_from
 from jaxdit.checkpoint import IMPORT_RECORD, Checkpointer
 from jaxdit.codec import frozen_codec_state, make_codec
 from jaxdit.config import Config, ConfigError, parse_condition
@@ -151,8 +152,12 @@ def train(config: Config, workdir: str | pathlib.Path) -> dict:
     if (workdir / IMPORT_RECORD).is_file():
         raise ValueError(
             f"{str(workdir)!r} holds imported weights ({IMPORT_RECORD}) without optimizer state or data position: "
-            "sample from it with sample.py, and train into another --workdir."
+            f"sample from it with sample.py, or train into another --workdir with --train.init_from {workdir} to "
+            "fine-tune it."
         )
+    source = None  # the run whose weights start this one (train.init_from), unless it resumes
+    if config.train.init_from:
+        config, source = init_from.starting_config(config, workdir)
     if config.codec.kind == "saved":  # recorded as an absolute path, so the run loads it from anywhere
         config = dataclasses.replace(config, codec=dataclasses.replace(config.codec, path=os.path.abspath(config.codec.path)))
     config = frozen_text.resolve(config)  # a T5 run: its absolute path, and model.text_dim from its width
@@ -194,7 +199,11 @@ def train(config: Config, workdir: str | pathlib.Path) -> dict:
     _record_codec(config, workdir, resuming=resuming, primary=primary)
     frozen_text.record_run(config, workdir, resuming=resuming, primary=primary)
     if not resuming:
-        state = create_train_state(config, abstract_state)
+        params = None
+        if source is not None:
+            params = init_from.initial_params(config, source, mesh, abstract_state)
+            init_from.record_start(workdir, source, primary=primary)
+        state = create_train_state(config, abstract_state, params)
         start = 0
     else:  # the newest checkpoint that reads and is of this run: a damaged one is named and passed over
         check = functools.partial(_check_same_run, config=config, workdir=workdir)

@@ -85,9 +85,10 @@ def model_graphdef(config: Config) -> nnx.GraphDef:
     return nnx.split(nnx.eval_shape(lambda: make_model(config, rngs=nnx.Rngs(0))), nnx.Param, ...)[0]
 
 
-def _init_state(config: Config, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+def _init_state(config: Config, tx: optax.GradientTransformation, rng: jax.Array, params=None) -> TrainState:
     model = make_model(config, rngs=nnx.Rngs(jax.random.fold_in(rng, 0)))
-    _, params, model_rngs = nnx.split(model, nnx.Param, ...)
+    _, initialised, model_rngs = nnx.split(model, nnx.Param, ...)
+    params = initialised if params is None else params  # given ones: jit drops the initialisation
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -107,11 +108,17 @@ def abstract_train_state(config: Config, mesh: jax.sharding.Mesh) -> TrainState:
     )
 
 
-def create_train_state(config: Config, abstract_state: TrainState) -> TrainState:
-    """A fresh train state, each array created directly with the sharding `abstract_state` gives it."""
+def create_train_state(config: Config, abstract_state: TrainState, params: nnx.State | None = None) -> TrainState:
+    """A fresh train state, each array created directly with the sharding `abstract_state` gives it.
+
+    params: the starting parameters (and EMA), laid out as `abstract_state.params` (another run's weights:
+    `jaxdit.init_from`), donated; None initialises them from the config's seed.
+    """
     init = functools.partial(_init_state, config, make_optimizer(config.train))
     shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
-    return jax.jit(init, out_shardings=shardings)(jax.random.key(config.train.seed))
+    if params is None:
+        return jax.jit(init, out_shardings=shardings)(jax.random.key(config.train.seed))
+    return jax.jit(init, out_shardings=shardings, donate_argnums=1)(jax.random.key(config.train.seed), params)
 
 
 def flow_shift(config: Config, latent_shape: tuple[int, ...]) -> float:
