@@ -68,7 +68,8 @@ def to_jaxdit(key: str, tensor: np.ndarray) -> np.ndarray:
 def wan_vae(config: dict, tensors: dict[str, np.ndarray], *, decode_chunk: int = DECODE_CHUNK) -> WanVAE:
     """A WanVAE with the weights of a diffusers AutoencoderKLWan state_dict (checked first), decoding
     `decode_chunk` latent frames at a time."""
-    vae = WanVAE(**wan_vae_spec(config), decode_chunk=decode_chunk, rngs=nnx.Rngs(0))
+    spec = wan_vae_spec(config)
+    vae = nnx.eval_shape(lambda: WanVAE(**spec, decode_chunk=decode_chunk, rngs=nnx.Rngs(0)))  # no initialisation
     params = nnx.state(vae, nnx.Param)
     expected = {path: value.shape for path, value in flatten_dict(nnx.to_pure_dict(params)).items()}
     converted = {jaxdit_path(key): to_jaxdit(key, value) for key, value in tensors.items()}
