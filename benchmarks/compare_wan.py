@@ -7,14 +7,17 @@ run on CPU: a forward pass, and sampling with UniPC and guidance; seconds and th
 
 Both sides run the same weights: a random diffusers model (float32) whose state_dict jaxdit maps with
 `jaxdit.convert.wan.transformer_params`, on the same random latents (B, C=16, T, H, W), timestep and
-512 umT5-wide text tokens (4096 features). The forward pass: jaxdit's jitted VideoDiT, PyTorch's
-module under `torch.no_grad()`, eagerly as diffusers runs it. Sampling: `--steps` UniPC steps with
-guidance 5 against a second caption (a negative prompt), cond and uncond in one batch of 2 on both
-sides: diffusers' `UniPCMultistepScheduler` as Wan configures it and a Python loop over the
-transformer, against jaxdit's `sample_flow(sampler="unipc")`, one jitted scan. The two results are
-compared (largest difference over largest value) before anything is timed. After a warm-up, the
-sides are timed in alternating rounds and the median of each is printed, with
-`speedup` = PyTorch's median / jaxdit's (above 1: jaxdit is faster). Figures are printed, never asserted.
+512 umT5-wide text tokens (4096 features). Both hold their weights and inputs where they compute, before
+anything is timed: jaxdit's as device arrays (as `Pipeline.load` puts them), PyTorch's as its tensors.
+The forward pass: jaxdit's jitted VideoDiT, compiled with jaxdit's CPU compiler options
+(`jaxdit.host.compiler_options`, as its pipeline's sampler), PyTorch's module under `torch.no_grad()`,
+eagerly as diffusers runs it. Sampling: `--steps` UniPC steps with guidance 5 against a second caption
+(a negative prompt), cond and uncond in one batch of 2 on both sides: diffusers'
+`UniPCMultistepScheduler` as Wan configures it and a Python loop over the transformer, against
+jaxdit's `sample_flow(sampler="unipc")`, one jitted scan. The two results are compared (largest
+difference over largest value) before anything is timed. After a warm-up, the sides are timed in
+alternating rounds and the median of each is printed, with `speedup` = PyTorch's median / jaxdit's
+(above 1: jaxdit is faster). Figures are printed, never asserted.
 """
 
 import argparse
@@ -27,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxdit import host
 from jaxdit.convert.wan import transformer_params, wan_model_config
 from jaxdit.model import VideoDiT
 from jaxdit.sampling import guide, sample_flow
@@ -64,7 +68,9 @@ def main(argv=None) -> dict:
     model = VideoDiT(model_config, rngs=nnx.Rngs(0))
     params = nnx.state(model, nnx.Param)
     tensors = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
-    nnx.replace_by_pure_dict(params, transformer_params(tensors, model_config))
+    # Device arrays: numpy leaves (the converter's transposed views) would be copied to the device, and
+    # transposed, in every call of the jitted function.
+    nnx.replace_by_pure_dict(params, jax.tree.map(jnp.asarray, transformer_params(tensors, model_config)))
     nnx.update(model, params)
     graphdef, state = nnx.split(model)
 
@@ -73,32 +79,36 @@ def main(argv=None) -> dict:
     text = rng.standard_normal((2, TEXT_TOKENS, TEXT_DIM), dtype=np.float32)  # the prompt, the negative prompt
     x_torch, text_torch = torch.from_numpy(latents), torch.from_numpy(text)
     x_jax = jnp.asarray(latents.transpose(0, 2, 3, 4, 1))  # channels-last
+    t_jax, t_torch = jnp.asarray([500.0]), torch.tensor([500.0])
+    text_jax, prompt_jax, prompt_torch = jnp.asarray(text), jnp.asarray(text[:1]), text_torch[:1]
     tokens = args.frames * args.height * args.width // 4
     print(f"Wan transformer, width 1536, {args.layers} blocks, {tokens} video tokens, {TEXT_TOKENS} text tokens; "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), jax {jax.__version__} on {jax.devices()[0]}")
 
     # The forward pass.
-    forward_jax = jax.jit(lambda state, x, t, text: nnx.merge(graphdef, state)(x, t, text=text))
+    options = host.compiler_options(jax.default_backend())
+    forward_jax = jax.jit(lambda state, x, t, text: nnx.merge(graphdef, state)(x, t, text=text),
+                          compiler_options=options)
 
     def run_jax():
-        return forward_jax(state, x_jax, jnp.asarray([500.0]), jnp.asarray(text[:1])).block_until_ready()
+        return forward_jax(state, x_jax, t_jax, prompt_jax).block_until_ready()
 
     def run_torch():
         with torch.no_grad():
-            return torch_model(x_torch, torch.tensor([500.0]), text_torch[:1], return_dict=False)[0]
+            return torch_model(x_torch, t_torch, prompt_torch, return_dict=False)[0]
 
     figures["forward_difference"] = _agree("forward", np.asarray(run_jax()), run_torch().numpy().transpose(0, 2, 3, 4, 1))
     figures["forward"] = _race("forward", run_jax, run_torch, args.rounds)
 
     # Sampling: UniPC with guidance against the negative prompt, [cond; uncond] in one batch.
-    sample_jax = jax.jit(lambda state, x: sample_flow(
-        guide(lambda x2, t2: nnx.merge(graphdef, state)(x2, t2, text=jnp.asarray(text)), CFG, CHANNELS),
+    sample_jax = jax.jit(lambda state, x, text: sample_flow(
+        guide(lambda x2, t2: nnx.merge(graphdef, state)(x2, t2, text=text), CFG, CHANNELS),
         jax.random.split(jax.random.key(0), 1), x.shape[1:], steps=args.steps, sampler="unipc", prediction="v",
         shift=SHIFT, x_T=x,
-    ))
+    ), compiler_options=options)
 
     def run_sample_jax():
-        return sample_jax(state, x_jax).block_until_ready()
+        return sample_jax(state, x_jax, text_jax).block_until_ready()
 
     def run_sample_torch():
         scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=SHIFT,
