@@ -39,6 +39,8 @@ import numpy as np
 from flax import nnx
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from jaxdit.convert import SafetensorsFolder
+
 log = logging.getLogger(__name__)
 
 CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE = "config.json", "model.safetensors", "model.safetensors.index.json"
@@ -268,36 +270,15 @@ _EMBEDDINGS = ("shared.weight", "encoder.embed_tokens.weight")  # tied: either o
 _FINAL_NORM = "encoder.final_layer_norm.weight"
 
 
-def _weight_files(folder: pathlib.Path) -> list[pathlib.Path]:
-    if (folder / INDEX_FILE).is_file():
-        index = json.loads((folder / INDEX_FILE).read_text())
-        files = sorted(set(index["weight_map"].values()))
-        missing = [name for name in files if not (folder / name).is_file()]
-        if missing:
-            raise FileNotFoundError(
-                f"{str(folder / INDEX_FILE)!r} names {len(files)} weight files but {', '.join(missing)} "
-                "is not in the folder: copy every shard."
-            )
-        return [folder / name for name in files]
-    return [folder / WEIGHTS_FILE]
+def _weights(folder) -> SafetensorsFolder:
+    """The folder's weights (model.safetensors, or the shards its index names), read a tensor at a time."""
+    return SafetensorsFolder(folder, WEIGHTS_FILE.removesuffix(".safetensors"), what="the T5 encoder")
 
 
 def read_weights(folder) -> dict[str, np.ndarray]:
     """The encoder's tensors of a checkpoint folder, by transformers key (the decoder's are not read)."""
-    from safetensors import safe_open  # jax has imported ml_dtypes, so numpy holds bfloat16 too
-
-    tensors = {}
-    for path in _weight_files(pathlib.Path(folder)):
-        try:
-            with safe_open(path, framework="numpy") as file:
-                for key in file.keys():
-                    if key.startswith("encoder.") or key == "shared.weight":
-                        tensors[key] = file.get_tensor(key)
-        except Exception as err:  # safetensors' errors for a file that is not one
-            raise ValueError(
-                f"{str(path)!r} is not a readable safetensors file ({type(err).__name__}: {err})."
-            ) from err
-    return tensors
+    weights = _weights(folder)
+    return {key: weights[key] for key in weights if key.startswith("encoder.") or key == "shared.weight"}
 
 
 def convert(tensors: dict[str, np.ndarray], encoder: T5Encoder) -> dict:
@@ -385,7 +366,7 @@ def digests(folder, *, tokenizer=None) -> dict:
     files = folder if tokenizer is None else pathlib.Path(tokenizer)  # tokenizer: the folder of its file, if not `folder`
     tokenizer = next(files / name for name in TOKENIZER_FILES if (files / name).is_file())
     return {
-        "weights": {path.name: _sha256(path) for path in _weight_files(folder)},
+        "weights": {path.name: _sha256(path) for path in sorted(set(_weights(folder).files.values()))},
         "tokenizer": {tokenizer.name: _sha256(tokenizer)},
     }
 
