@@ -4,14 +4,17 @@ Axes: B batch, N query tokens, L key/value tokens, K heads, Dh head width.
 
 Implementations: "xla" (softmax attention written in jnp with its own backward pass, everywhere),
 "cudnn" (cuDNN flash attention, GPU) and "splash" (the Pallas splash-attention kernel that jax
-ships for TPU); "auto" takes the first of cudnn / splash that can run, else xla.
+ships for TPU, on any lengths, padded and masked to its 128-token tiles, and per device on a mesh);
+"auto" takes the first of cudnn / splash that can run, else xla.
 """
 
+import functools
 import math
 
 import einops
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from jaxdit.options import ATTENTION_IMPLEMENTATIONS
 
@@ -19,16 +22,17 @@ _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)  # cuDNN flash attention runs in 16-
 _CUDNN_MAX_HEAD_DIM = 128  # the largest head width every cuDNN flash kernel accepts
 _CUDNN_PAD = 2  # cuDNN's training kernels with a mask (a bias) need even query and key lengths
 _SPLASH_DTYPES = (jnp.float32, jnp.bfloat16)  # TPUs have no float16 matmul
-_SPLASH_LANES = 128  # splash tiles are multiples of the TPU's 128 lanes and must divide N and L
+_SPLASH_LANES = 128  # splash tiles are multiples of the TPU's 128 lanes: N and L are padded to them
 _SPLASH_MAX_TILE = 512  # larger tiles spread the per-step cost over long video sequences
 # Tests only: run the kernel in Pallas's interpreter (plain XLA ops, any backend and device count).
 _SPLASH_INTERPRET = False
 
 
-def _one_device() -> bool:
-    """The kernel runs whole: XLA cannot split a Pallas TPU kernel across devices under jit, and
-    jax 0.10's splash kernel fails inside a shard_map that checks varying axes (the default)."""
-    return jax.device_count() == 1 and not jax.sharding.get_abstract_mesh().manual_axes
+def _kernel_placeable() -> bool:
+    """Whether the splash kernel can be placed on the devices: there is one, or the trace knows its
+    mesh (a jit under `jaxdit.context_parallel.traced_on` or `jax.sharding.use_abstract_mesh`, or a
+    shard_map), so that `_splash` runs it per device. XLA cannot partition a Pallas kernel itself."""
+    return jax.device_count() == 1 or not jax.sharding.get_abstract_mesh().empty
 
 
 def resolve_implementation(
@@ -37,9 +41,8 @@ def resolve_implementation(
     """The implementation that runs: "auto" -> "cudnn" or "splash" where one can run, else "xla".
 
     cudnn: a GPU, bfloat16/float16 compute, heads of at most 128 channels.
-    splash: a TPU, float32/bfloat16 compute, query and key lengths `seq_lens` (N, L) that are
-    multiples of 128 (not checked when None), and a single device: the model's data-parallel jit
-    over several devices gets "xla" (running the kernel there would need a shard_map per device).
+    splash: a TPU, float32/bfloat16 compute, and one device or a trace on a mesh (`_kernel_placeable`);
+    any query and key lengths (they are padded). `seq_lens` (N, L), where given, is named in errors.
     An explicit choice where it cannot run is an error, never a silent fallback.
     """
     if implementation not in ATTENTION_IMPLEMENTATIONS:
@@ -48,8 +51,7 @@ def resolve_implementation(
         )
     backend, dtype = jax.default_backend(), jnp.dtype(dtype)
     cudnn_ok = backend == "gpu" and dtype in _CUDNN_DTYPES and head_dim <= _CUDNN_MAX_HEAD_DIM
-    lengths_ok = seq_lens is None or all(n % _SPLASH_LANES == 0 for n in seq_lens)
-    splash_ok = dtype in _SPLASH_DTYPES and lengths_ok and (_SPLASH_INTERPRET or (backend == "tpu" and _one_device()))
+    splash_ok = dtype in _SPLASH_DTYPES and (_SPLASH_INTERPRET or (backend == "tpu" and _kernel_placeable()))
     if implementation == "auto":
         return "cudnn" if cudnn_ok else "splash" if splash_ok else "xla"
     if implementation == "cudnn" and not cudnn_ok:
@@ -59,38 +61,92 @@ def resolve_implementation(
             f"head width={head_dim}. Use 'auto' or 'xla'."
         )
     if implementation == "splash" and not splash_ok:
+        mesh = dict(jax.sharding.get_abstract_mesh().shape) or None
         raise ValueError(
-            f"model.attention='splash' needs a TPU, float32/bfloat16 compute, query and key lengths "
-            f"that are multiples of {_SPLASH_LANES} and a single device (XLA cannot partition a Pallas "
-            f"kernel); here backend={backend}, dtype={dtype.name}, lengths (N, L)={seq_lens}, "
-            f"{jax.device_count()} devices. Use 'auto' or 'xla'."
+            f"model.attention='splash' needs a TPU, float32/bfloat16 compute, and one device or a trace on "
+            f"the device mesh (jit under jaxdit.context_parallel.traced_on or jax.sharding.use_abstract_mesh: "
+            f"XLA cannot partition a Pallas kernel); here backend={backend}, dtype={dtype.name}, lengths "
+            f"(N, L)={seq_lens}, {jax.device_count()} devices, mesh of the trace {mesh}. Use 'auto' or 'xla'."
         )
     return implementation
 
 
 def _splash(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
-    """The Pallas TPU splash-attention kernel over (B, N, K, Dh) inputs; the softmax as `attention`'s."""
+    """The splash kernel over (B, N, K, Dh) inputs, run on every device for its share. Under a jit
+    over a mesh, a `jax.shard_map` over the mesh's automatic axes splits the batch and the heads
+    (`_split_axes`); inside a shard_map over the whole mesh (context parallelism) each device already
+    holds its share and runs the kernel directly."""
+    mesh = jax.sharding.get_abstract_mesh()
+    auto = [name for name in mesh.axis_names if name not in mesh.manual_axes]
+    free = [name for name in auto if mesh.shape[name] > 1]
+    if not free:
+        return _splash_local(q, k, v, mask)  # (B, N, K, Dh)
+    batch_axes, head_axes = _split_axes(mesh, free, batch=q.shape[0], heads=q.shape[2])
+    tokens = PartitionSpec(batch_axes, None, head_axes, None)  # q, k, v and the output: (B, N, K, Dh)
+    # check_vma=False: the kernel's outputs do not declare how they vary over the mesh axes.
+    per_device = functools.partial(jax.shard_map, axis_names=set(auto), check_vma=False, out_specs=tokens)
+    if mask is None:
+        local = lambda q, k, v: _splash_local(q, k, v, None)
+        return per_device(local, in_specs=(tokens,) * 3)(q, k, v)  # (B, N, K, Dh)
+    keys = PartitionSpec(batch_axes, None)  # the mask: (B, L)
+    return per_device(_splash_local, in_specs=(tokens,) * 3 + (keys,))(q, k, v, mask)  # (B, N, K, Dh)
+
+
+def _split_axes(mesh, axes: list[str], *, batch: int, heads: int) -> tuple[tuple[str, ...] | None, ...]:
+    """(batch axes, head axes) of the kernel's shard_map: each of `axes`, in mesh order, splits the
+    batch if it divides what the earlier axes left of it (the model's data and fsdp axes do), else the
+    heads likewise (a context axis outside context parallelism), else neither: replicated, every
+    device along it computes the same."""
+    split = {"batch": [], "heads": []}
+    left = {"batch": batch, "heads": heads}
+    for name in axes:
+        dim = next((d for d in ("batch", "heads") if left[d] % mesh.shape[name] == 0), None)
+        if dim is not None:
+            split[dim].append(name)
+            left[dim] //= mesh.shape[name]
+    return tuple(split["batch"]) or None, tuple(split["heads"]) or None
+
+
+def _splash_local(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """The Pallas TPU splash-attention kernel on this device's (B, N, K, Dh) inputs, any lengths; the
+    softmax as `attention`'s.
+
+    N and L are padded up to multiples of 128 with zeros. Segment ids say who attends to whom (a
+    query attends to keys of its own id): every query, padded ones included, has id 1; the
+    valid keys 1, the masked and the padded ones 0. So the real queries attend to exactly the
+    valid keys, and a padded query to the same keys: its row is finite, and cut off at the end,
+    so it adds nothing to any gradient.
+    """
     from jax.experimental.pallas.ops.tpu import splash_attention as splash  # Pallas: imported only here
 
     (batch, n, heads, head_dim), length = q.shape, k.shape[1]
-    # The largest tile up to _SPLASH_MAX_TILE that divides the length (lengths are multiples of 128).
-    tq, tkv = math.gcd(n, _SPLASH_MAX_TILE), math.gcd(length, _SPLASH_MAX_TILE)
+    q = _pad_tokens(q * head_dim**-0.5)  # (B, N', K, Dh); the kernel does not scale the logits
+    k, v = _pad_tokens(k), _pad_tokens(v)  # 2x(B, L', K, Dh)
+    padded_n, padded_length = q.shape[1], k.shape[1]
+    segments = None
+    if mask is not None or padded_length > length:
+        valid = jnp.ones((batch, length), bool) if mask is None else mask  # (B, L)
+        segments = splash.SegmentIds(
+            q=jnp.ones((batch, padded_n), jnp.int32),  # (B, N')
+            kv=jnp.pad(valid, ((0, 0), (0, padded_length - length))).astype(jnp.int32),  # (B, L')
+        )
+    # The largest tile up to _SPLASH_MAX_TILE that divides the padded length.
+    tq, tkv = math.gcd(padded_n, _SPLASH_MAX_TILE), math.gcd(padded_length, _SPLASH_MAX_TILE)
     tiles = splash.BlockSizes(  # forward, then the backward's dk/dv and dq kernels
         block_q=tq, block_kv=tkv, block_q_dkv=tq, block_kv_dkv=tkv, block_q_dq=tq, block_kv_dq=tkv
     )
     kernel = splash.make_splash_mha(  # one example, every head; the batch is vmapped below
-        splash.MultiHeadMask([splash.FullMask((n, length))] * heads),
+        splash.MultiHeadMask([splash.FullMask((padded_n, padded_length))] * heads),
         block_sizes=tiles, head_shards=1, q_seq_shards=1, interpret=_SPLASH_INTERPRET,
     )
-    # The kernel does not scale the logits: fold 1/sqrt(Dh) into q.
-    q = einops.rearrange(q * head_dim**-0.5, "b n k h -> b k n h")  # (B, K, N, Dh)
-    k, v = (einops.rearrange(x, "b l k h -> b k l h") for x in (k, v))  # 2x(B, K, L, Dh)
-    # Key padding as segment ids: every query has id 1, valid keys 1, padding 0; ids must match.
-    segments = None
-    if mask is not None:
-        segments = splash.SegmentIds(q=jnp.ones((batch, n), jnp.int32), kv=mask.astype(jnp.int32))  # (B, N), (B, L)
-    out = jax.vmap(kernel)(q, k, v, segments)  # (B, K, N, Dh)
-    return einops.rearrange(out, "b k n h -> b n k h")  # (B, N, K, Dh)
+    q, k, v = (einops.rearrange(x, "b n k h -> b k n h") for x in (q, k, v))  # (B, K, N', Dh), 2x(B, K, L', Dh)
+    out = jax.vmap(kernel)(q, k, v, segments)  # (B, K, N', Dh)
+    return einops.rearrange(out[:, :, :n], "b k n h -> b n k h")  # (B, N, K, Dh)
+
+
+def _pad_tokens(x: jax.Array) -> jax.Array:
+    """(B, N, K, Dh) -> (B, N', K, Dh): zeros after the tokens, up to N', the next multiple of 128."""
+    return jnp.pad(x, ((0, 0), (0, -x.shape[1] % _SPLASH_LANES), (0, 0), (0, 0)))
 
 
 def _masked_logit(dtype) -> float:

@@ -134,10 +134,13 @@ def self_attention(
     ulysses, ring = context_degrees(mode, q.shape[2], context, ulysses_degree)
     local = functools.partial(_local_self_attention, ulysses=ulysses, ring=ring, implementation=implementation)
     tokens = PartitionSpec(_batch_axes(q.shape[0]), CONTEXT_AXIS)
+    per_device = functools.partial(
+        jax.shard_map, out_specs=tokens, check_vma=ring > 1 or _checks_vma(implementation, q.dtype, q.shape[-1])
+    )
     if mask is None:
         no_mask = lambda q, k, v: local(q, k, v, None)
-        return jax.shard_map(no_mask, in_specs=(tokens,) * 3, out_specs=tokens)(q, k, v)  # (B, N, K, Dh)
-    out = jax.shard_map(local, in_specs=(tokens,) * 4, out_specs=tokens)(q, k, v, mask)  # (B, N, K, Dh)
+        return per_device(no_mask, in_specs=(tokens,) * 3)(q, k, v)  # (B, N, K, Dh)
+    out = per_device(local, in_specs=(tokens,) * 4)(q, k, v, mask)  # (B, N, K, Dh)
     if ring > 1:  # as attention(): a query whose keys are all masked gets zeros
         out = out * mask.any(axis=1)[:, None, None, None].astype(out.dtype)
     return out
@@ -154,7 +157,16 @@ def cross_attention(
     batch = _batch_axes(q.shape[0])
     tokens, whole = PartitionSpec(batch, CONTEXT_AXIS), PartitionSpec(batch)
     local = lambda q, k, v, mask: attention(q, k, v, mask=mask, implementation=implementation)  # (b, n, K, Dh)
-    return jax.shard_map(local, in_specs=(tokens, whole, whole, whole), out_specs=tokens)(q, k, v, mask)
+    check_vma = _checks_vma(implementation, q.dtype, q.shape[-1])
+    return jax.shard_map(local, in_specs=(tokens, whole, whole, whole), out_specs=tokens, check_vma=check_vma)(
+        q, k, v, mask
+    )  # (B, N, K, Dh)
+
+
+def _checks_vma(implementation: str, dtype, head_dim: int) -> bool:
+    """Whether a shard_map around `attention()` may check how values vary over the mesh axes: not
+    around the splash kernel, whose Pallas outputs do not declare it (jax refuses them there)."""
+    return resolve_implementation(implementation, dtype, head_dim) != "splash"
 
 
 def _local_self_attention(q, k, v, mask, *, ulysses: int, ring: int, implementation: str):
@@ -169,7 +181,7 @@ def _local_self_attention(q, k, v, mask, *, ulysses: int, ring: int, implementat
         out = _ring_attention(q, k, v, mask, ulysses=ulysses, ring=ring)  # (b, u n, K/u, Dh)
     else:
         local = functools.partial(attention, implementation=implementation)
-        if resolve_implementation(implementation, q.dtype, q.shape[-1], (q.shape[1], k.shape[1])) == "xla":
+        if resolve_implementation(implementation, q.dtype, q.shape[-1]) == "xla":
             # XLA's attention would keep the (b, K/c, N, N) probabilities for the backward pass:
             # recompute them there instead, as the fused kernels do, so memory falls as 1/c.
             local = jax.checkpoint(local)

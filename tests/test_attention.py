@@ -7,6 +7,7 @@ import pytest
 
 from jaxdit import attention as attention_module
 from jaxdit.attention import attention, resolve_implementation
+from jaxdit.sharding import make_mesh
 
 
 def reference(q, k, v, mask):
@@ -76,19 +77,23 @@ def test_auto_is_xla_and_splash_is_an_error_off_tpu():
 
 
 def test_splash_rules_on_a_tpu_backend(monkeypatch):
-    """Only the platform is pretended (a TPU, then one device): the rules decide as on a TPU."""
+    """Only the platform is pretended (a TPU with 8 devices, then 1): the rules decide as on a TPU.
+    Any lengths run (they are padded); several devices need the trace's mesh to place the kernel."""
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
     monkeypatch.setattr(jax, "device_count", lambda: 8)
-    assert resolve_implementation("auto", jnp.bfloat16, 64, (256, 128)) == "xla"  # jit cannot split the kernel
-    with pytest.raises(ValueError, match="a single device.*8 devices"):
+    assert resolve_implementation("auto", jnp.bfloat16, 64, (256, 128)) == "xla"  # no mesh: jit cannot split it
+    with pytest.raises(ValueError, match=r"one device or a trace on the device mesh.*8 devices, mesh of the trace None"):
         resolve_implementation("splash", jnp.bfloat16, 64, (256, 128))
+    with jax.sharding.use_abstract_mesh(make_mesh(2, context=2).abstract_mesh):
+        assert resolve_implementation("auto", jnp.bfloat16, 64, (32_760, 77)) == "splash"  # Wan's 480p x 81 frames
+        assert resolve_implementation("splash", jnp.float32, 64) == "splash"
+        assert resolve_implementation("auto", jnp.float16, 64) == "xla"
     monkeypatch.setattr(jax, "device_count", lambda: 1)
     assert resolve_implementation("auto", jnp.bfloat16, 72, (256, 128)) == "splash"
-    assert resolve_implementation("auto", jnp.float32, 64, (1024, 128)) == "splash"
-    assert resolve_implementation("auto", jnp.bfloat16, 64, (256, 77)) == "xla"  # 77 text tokens
+    assert resolve_implementation("auto", jnp.bfloat16, 64, (150, 77)) == "splash"  # 77 text tokens
     assert resolve_implementation("auto", jnp.float16, 64, (256, 128)) == "xla"
-    with pytest.raises(ValueError, match=r"multiples of 128.*\(256, 77\)"):
-        resolve_implementation("splash", jnp.bfloat16, 64, (256, 77))
+    with pytest.raises(ValueError, match=r"float32/bfloat16 compute.*dtype=float16"):
+        resolve_implementation("splash", jnp.float16, 64, (256, 77))
 
 
 @pytest.fixture
@@ -185,14 +190,14 @@ def test_cudnn_gradients_match_xla_in_bfloat16(keys):
 
 
 @pytest.mark.skipif(
-    jax.default_backend() != "tpu" or jax.device_count() != 1, reason="the splash kernel runs on a single TPU device"
+    jax.default_backend() != "tpu" or jax.device_count() != 1, reason="the splash kernel on a single TPU device"
 )
 def test_splash_matches_xla_in_bfloat16_on_tpu():
     kq, kk, kv = jax.random.split(jax.random.key(0), 3)
-    q = jax.random.normal(kq, (2, 1024, 4, 64), jnp.bfloat16)  # (B, N, K, Dh)
-    k, v = (jax.random.normal(key, (2, 128, 4, 64), jnp.bfloat16) for key in (kk, kv))  # (B, L, K, Dh)
-    mask = jnp.arange(128)[None] < jnp.array([[128], [40]])
-    assert resolve_implementation("auto", jnp.bfloat16, 64, (1024, 128)) == "splash"
+    q = jax.random.normal(kq, (2, 1000, 4, 64), jnp.bfloat16)  # (B, N, K, Dh): padded to 1024
+    k, v = (jax.random.normal(key, (2, 77, 4, 64), jnp.bfloat16) for key in (kk, kv))  # (B, L, K, Dh): to 128
+    mask = jnp.arange(77)[None] < jnp.array([[77], [40]])
+    assert resolve_implementation("auto", jnp.bfloat16, 64, (1000, 77)) == "splash"
     for m in (None, mask):
         splash = attention(q, k, v, mask=m, implementation="splash").astype(jnp.float32)
         xla = attention(q, k, v, mask=m, implementation="xla").astype(jnp.float32)
