@@ -114,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
                              "(default: float32)")
     parser.add_argument("--dtype", metavar="DTYPE",
                         help="the model's computation dtype, float32 or bfloat16 (default: the run's model.dtype)")
+    parser.add_argument("--merge-lora", action="store_true",
+                        help="a LoRA run (train.lora_rank): fold its adapters into the base weights before sampling, "
+                             "which then costs what the base model does (default: apply them as they are)")
     parser.add_argument("--fps", type=float, help="frames per second of .mp4/.gif (default: the run's sample.fps)")
     parser.add_argument("--edit", metavar="PATH",
                         help="SDEdit: a video, image or .npy clip to redraw with the prompt (its first --num-frames "
@@ -156,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         pipe = Pipeline.load(
             args.workdir, step=args.step, context=args.context, fsdp=args.fsdp, param_dtype=args.param_dtype,
-            dtype=args.dtype, text_path=args.text_path,
+            dtype=args.dtype, text_path=args.text_path, merge_lora=args.merge_lora,
         )
         model = pipe.config.model
         if args.class_label and (not model.num_classes or model.has_text):

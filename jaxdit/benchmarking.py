@@ -135,8 +135,10 @@ def compiled_train_step(config, *, latents: bool, abstract: bool = False) -> dic
     `abstract` the state and batch are only shapes (nothing is allocated: for memory figures of models too
     big for this machine) and the step cannot be run.
 
+    A LoRA config (train.lora_rank) trains adapters on base weights of its own random initialisation.
+
     Returns {"step": compiled(state, batch, rng, *frozen) -> (state, metrics), "state", "batch",
-    "frozen": (codec_state, text_state), "latent_shape", "mesh", "compile_s"}.
+    "frozen": (codec_state, text_state, base_state), "latent_shape", "mesh", "compile_s"}.
     """
     import time
 
@@ -144,9 +146,16 @@ def compiled_train_step(config, *, latents: bool, abstract: bool = False) -> dic
 
     from jaxdit import frozen_text
     from jaxdit.codec import IdentityCodec, frozen_codec_state, make_codec
+    from jaxdit.lora import base_config
     from jaxdit.sharding import data_parallel_size, make_mesh
     from jaxdit.train_loop import check_config
-    from jaxdit.train_step import abstract_train_state, create_train_state, make_train_step, model_graphdef
+    from jaxdit.train_step import (
+        abstract_base,
+        abstract_train_state,
+        create_train_state,
+        make_train_step,
+        model_graphdef,
+    )
 
     if config.task != "dit":
         raise ValueError("the train-step benchmarks time the DiT train step: use a DiT config (task='dit').")
@@ -170,7 +179,11 @@ def compiled_train_step(config, *, latents: bool, abstract: bool = False) -> dic
     state = abstract_state if abstract else create_train_state(config, abstract_state)
     text_encoder = frozen_text.load(config, mesh)
     step = make_train_step(config, model_graphdef(config), codec, mesh, abstract_state, text_encoder)
-    frozen = (frozen_codec_state(codec, mesh), text_encoder[1])
+    base_state = abstract_base(config, mesh)
+    if config.train.lora_rank and not abstract:  # random base weights, in train.lora_base_dtype
+        base = create_train_state(base_config(config), abstract_train_state(base_config(config), mesh)).params
+        base_state = jax.tree.map(lambda x, target: x.astype(target.dtype), base, base_state)
+    frozen = (frozen_codec_state(codec, mesh), text_encoder[1], base_state)
     batch = synthetic_batch(config, latent_shape, latents=latents, mesh=mesh, abstract=abstract)
     start = time.perf_counter()
     compiled = step.lower(state, batch, jax.random.key(0), *frozen).compile()

@@ -24,11 +24,16 @@ class Linear(nnx.Linear):
 
     The same parameters and result as nnx.Linear. Folding the leading axes first makes the
     weight gradient a plain (D_in, M) x (M, D_out) product; XLA:CPU runs the gradient that
-    contracts two axes, (B, N), at half that speed (docs/performance.md).
+    contracts two axes, (B, N), at half that speed (docs/performance.md). A LoRA run gives some of them an
+    adapter (`lora`, jaxdit.lora), whose low-rank product is added.
     """
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = super().__call__(x.reshape(-1, x.shape[-1]))  # (M, D_out)
+        tokens = x.reshape(-1, x.shape[-1])  # (M, D_in)
+        y = super().__call__(tokens)  # (M, D_out)
+        adapter = getattr(self, "lora", None)
+        if adapter is not None:
+            y = y + adapter(tokens)  # (M, D_out)
         return y.reshape(*x.shape[:-1], y.shape[-1])  # (..., D_out)
 
 

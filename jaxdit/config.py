@@ -36,6 +36,7 @@ from jaxdit.options import (
     check_minimums,
     context_degrees,
     parse_condition,
+    parse_lora_targets,
     resolve_sampler,
 )
 
@@ -280,6 +281,14 @@ class TrainConfig:
     # its parameters and EMA, with a fresh optimizer at step 0; its model, diffusion, codec and text settings
     # become this run's (jaxdit.init_from). Read when the run starts, not after its first checkpoint.
     init_from: str = ""
+    # LoRA (jaxdit.lora): a rank r > 0 trains low-rank adapters on the blocks' linear layers that lora_targets
+    # names (sublayers "attn", "cross", "mlp", or projections such as "attn.qkv" or "mlp.fc2", comma-separated),
+    # each scaled by lora_alpha / r (0: the rank, a factor of 1), in place of every weight. The optimizer and
+    # the checkpoints hold only the adapters; the base weights are init_from's, read at every start.
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+    lora_targets: str = "attn,cross"
+    lora_base_dtype: str = "float32"  # one of DTYPES: the frozen base weights on the devices ("bfloat16" halves them)
 
     def __post_init__(self):
         check_minimums(
@@ -287,7 +296,12 @@ class TrainConfig:
             checkpoint_every=1, keep_checkpoints=1, log_every=1,
         )
         check_choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        check_minimums("train", self, condition_frames=1)
+        check_minimums("train", self, condition_frames=1, lora_rank=0)
+        check_choice("train.lora_base_dtype", self.lora_base_dtype, DTYPES)
+        if self.lora_rank:
+            parse_lora_targets(self.lora_targets)
+        if self.lora_alpha < 0:
+            raise ValueError(f"train.lora_alpha must be >= 0 (0: the rank), got {self.lora_alpha}.")
         parse_condition(self.condition)
         if self.warmup_steps >= self.steps:
             raise ValueError(

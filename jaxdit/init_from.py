@@ -19,8 +19,11 @@ to something other than its default and DIR's value is refused, each one named; 
 default is DIR's. `model.scan_layers=True` from unrolled weights (an import) stacks the blocks as they
 are read; scanned weights into an unrolled run are refused.
 
-Only the start reads DIR. Once the new run has a checkpoint, it resumes from that as any run does, its
-fixed settings taken from its own saved config instead. The run records where it started in `RECORD`.
+Only the start reads DIR's settings. Once the new run has a checkpoint, it resumes from that as any run
+does, its fixed settings taken from its own saved config instead. The run records where it started in
+`RECORD`. A LoRA run (`train.lora_rank`, jaxdit.lora) checkpoints only its adapters: every start of it,
+and every `Pipeline.load` of it, reads its base weights from the run and step that RECORD names
+(`recorded_source`, `base_params`).
 """
 
 import dataclasses
@@ -30,10 +33,11 @@ import logging
 import pathlib
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from jaxdit import codec as codecs
-from jaxdit import frozen_text
+from jaxdit import frozen_text, lora
 from jaxdit.checkpoint import IMPORT_RECORD, Checkpointer, CheckpointError, latest_step
 from jaxdit.config import Config, ConfigError
 from jaxdit.model import stack_blocks
@@ -156,14 +160,26 @@ def _check_codec_and_text(config: Config, directory: pathlib.Path) -> None:
     frozen_text.check_run(config, directory)
 
 
-def initial_params(config: Config, source: Source, mesh: jax.sharding.Mesh, abstract_state) -> nnx.State:
+def weights_target(abstract_state, param_dtype: str = "float32"):
+    """A train state's shapes and shardings with the EMA's floating-point arrays in `param_dtype`: what a
+    checkpoint's EMA weights are read into, cast as they are read (no float32 copy on a device)."""
+    def stored(x):
+        dtype = jnp.dtype(param_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
+        return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+
+    return abstract_state.replace(ema=jax.tree.map(stored, abstract_state.ema))
+
+
+def initial_params(
+    config: Config, source: Source, mesh: jax.sharding.Mesh, abstract_state, param_dtype: str = "float32"
+) -> nnx.State:
     """DIR's EMA weights as the run's parameters, each array read straight onto `mesh` with the sharding
-    (and float32 dtype) `abstract_state` gives it; unrolled blocks stacked for a scan_layers run."""
+    `abstract_state` gives it, in `param_dtype`; unrolled blocks stacked for a scan_layers run."""
     stack = config.model.scan_layers and not source.config.model.scan_layers
-    target = abstract_state
+    target = weights_target(abstract_state, param_dtype)
     if stack:  # read in DIR's layout, onto the same mesh
         unrolled = dataclasses.replace(config, model=dataclasses.replace(config.model, scan_layers=False))
-        target = abstract_train_state(unrolled, mesh)
+        target = weights_target(abstract_train_state(unrolled, mesh), param_dtype)
     with Checkpointer(source.directory / "checkpoints", read_only=True) as checkpointer:
         try:
             params = checkpointer.restore_weights(target, step=source.step)["ema"]
@@ -186,6 +202,35 @@ def _stacked(params: nnx.State, *, layout: nnx.State) -> nnx.State:
     params = jax.tree.map(lambda x: x, layout)  # a copy to fill
     nnx.replace_by_pure_dict(params, stacked)
     return params
+
+
+def base_params(config: Config, source: Source, mesh: jax.sharding.Mesh, param_dtype: str = "float32") -> nnx.State:
+    """A LoRA run's frozen base weights: `source`'s EMA weights as the parameters of the run's model without
+    adapters (`jaxdit.train_step.abstract_base`), read onto `mesh` in `param_dtype`."""
+    base = lora.base_config(config)
+    return initial_params(base, source, mesh, abstract_train_state(base, mesh), param_dtype)
+
+
+def recorded_source(workdir) -> Source:
+    """The run and step that `workdir`'s run started from, as its RECORD says: where a LoRA run's base weights
+    are. A ConfigError says what is missing."""
+    record = pathlib.Path(workdir) / RECORD
+    if not record.is_file():
+        raise ConfigError(
+            f"the LoRA run in {str(workdir)!r} has no {RECORD}, which names the weights its adapters adapt; it was "
+            "not started by train.py --train.init_from DIR --train.lora_rank R."
+        )
+    what = json.loads(record.read_text())
+    directory, step = pathlib.Path(what["init_from"]), what["step"]
+    where = f"the base weights of the LoRA run in {str(workdir)!r}, checkpoint {step} of {str(directory)!r}"
+    checkpoints = directory / "checkpoints"
+    if not checkpoints.is_dir():
+        raise ConfigError(f"{where}, are gone: put that run folder back where it was ({RECORD} names it).")
+    with Checkpointer(checkpoints, read_only=True) as checkpointer:
+        if step not in checkpointer.all_steps():
+            raise ConfigError(f"{where}, are gone (that folder holds steps {checkpointer.all_steps()}): restore it.")
+        config = Config.from_dict(checkpointer.restore_config(step))
+    return Source(directory, step, config)
 
 
 def record_start(workdir, source: Source, *, primary: bool) -> None:

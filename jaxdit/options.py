@@ -11,8 +11,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 # the built-in moving shapes, videos listed in a manifest, or latents encoded once (jaxdit.data.latent_cache)
 DATA_SOURCES = ("shapes", "folder", "cache")
 # "auto": cuDNN flash attention on GPU with 16-bit compute; "splash", jax's Pallas splash-attention
-# kernel, on a single-device TPU when the sequence lengths are multiples of 128; XLA everywhere
-# else. The rules are jaxdit.attention.resolve_implementation's.
+# kernel, on a TPU (any lengths, padded to its tiles; on several devices, per device under the trace's
+# mesh); XLA everywhere else. The rules are jaxdit.attention.resolve_implementation's.
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 # How tokens know where they are: fixed 3-D sin-cos embeddings added to the tokens (DiT; what its
 # imported checkpoints need), 3-D rotary angles inside self-attention (Wan, HunyuanVideo, Open-Sora 2.0),
@@ -135,3 +135,22 @@ def parse_condition(text: str) -> dict[str, float]:
         raise ValueError(f"train.condition: probabilities must be >= 0 and add up to at most 1; got {text!r}.")
     probabilities["text"] = max(0.0, 1.0 - sum(probabilities.values()))
     return probabilities
+
+
+# What train.lora_targets may name: a sublayer of every block (all of its projections), or one projection.
+LORA_TARGETS = {"attn": ("qkv", "proj"), "cross": ("q", "kv", "proj"), "mlp": ("fc1", "fc2")}
+LORA_PARTS = {"attn.qkv": 3, "cross.kv": 2}  # fused projections: (q, k, v) and (k, v)
+
+
+def parse_lora_targets(targets: str) -> tuple[str, ...]:
+    """"attn,mlp.fc1" -> ("attn.qkv", "attn.proj", "mlp.fc1"): every projection named, in LORA_TARGETS's order."""
+    projections = [f"{sublayer}.{name}" for sublayer, names in LORA_TARGETS.items() for name in names]
+    asked = [name.strip() for name in targets.split(",") if name.strip()]
+    unknown = [name for name in asked if name not in LORA_TARGETS and name not in projections]
+    if unknown or not asked:
+        raise ValueError(
+            f"train.lora_targets={targets!r}: {'unknown ' + ', '.join(map(repr, unknown)) if unknown else 'names nothing'}; "
+            f"name sublayers of the blocks ({', '.join(LORA_TARGETS)}) or projections ({', '.join(projections)}), "
+            "comma-separated, e.g. 'attn,cross'."
+        )
+    return tuple(p for p in projections if p in asked or p.split(".")[0] in asked)

@@ -27,10 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxdit import context_parallel, frames, frozen_text, host, sampling
+from jaxdit import context_parallel, frames, frozen_text, host, init_from, lora, sampling
 from jaxdit.checkpoint import Checkpointer
 from jaxdit.codec import frozen_codec_state, make_codec, to_uint8
 from jaxdit.config import Config
+from jaxdit.init_from import weights_target
 from jaxdit.options import DTYPES, check_choice
 from jaxdit.sharding import batch_sharding, data_parallel_size, make_mesh, state_sharding
 from jaxdit.text import make_tokenizer
@@ -287,7 +288,12 @@ class VideoSampler:
                 latents, mask = self._given(codec, shape, layout, references)
                 kept = {"given": (jnp.broadcast_to(latents, (batch, *shape)), jnp.broadcast_to(mask, (batch, shape[0])))}
                 kwargs |= {"given": latents, "given_mask": mask}
-            denoise = lambda x, t: model.dit(x, t, **_batched(kwargs, x.shape[0]))
+            # The model merged again from fresh copies of its variables where it runs, inside the sampler's scan:
+            # nnx's scan over stacked blocks (model.scan_layers) takes only variables of the trace it runs in.
+            def denoise(x, t):
+                dit = nnx.merge(graphdef, *jax.tree.map(lambda a: a, (params, model_rngs))).dit
+                return dit(x, t, **_batched(kwargs, x.shape[0]))
+
             if guided:
                 denoise = sampling.guide(denoise, cfg_scale, guided_channels)
             keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(index)  # (B,)
@@ -403,14 +409,6 @@ def _one_copy(mesh: jax.sharding.Mesh) -> jax.sharding.Mesh:
     return jax.sharding.Mesh(mesh.devices[:1, :, :1], mesh.axis_names, axis_types=mesh.axis_types)
 
 
-def _weights_target(config: Config, mesh: jax.sharding.Mesh, param_dtype: str):
-    """What a checkpoint's weights are read into: the train state's shapes, split over the mesh's fsdp axis, the
-    EMA weights' floating-point arrays in `param_dtype` (cast as they are read: no float32 copy on a device)."""
-    state = abstract_train_state(config, mesh)
-    stored = lambda x: jax.ShapeDtypeStruct(x.shape, _stored_dtype(x.dtype, param_dtype), sharding=x.sharding)
-    return state.replace(ema=jax.tree.map(stored, state.ema))
-
-
 def _progress_bar(total: int, *, enabled: bool):
     from tqdm import tqdm
 
@@ -462,10 +460,14 @@ class Pipeline:
     def load(
         cls, workdir: str | pathlib.Path, *, step: int | None = None, devices=None, context: int = 1,
         fsdp: int = 1, param_dtype: str = "float32", dtype: str | None = None, text_path: str | None = None,
+        merge_lora: bool = False,
     ) -> "Pipeline":
         """The run's config and the EMA weights of its latest checkpoint (or of `step`); `devices`, `context`,
         `fsdp` and `param_dtype` as `Pipeline`'s (any mesh: the weights do not depend on it). The weights are
         read straight into `param_dtype`, split over fsdp onto one copy's devices, then copied to the others.
+        A LoRA run's adapters are applied to the base weights it started from (`jaxdit.init_from.base_params`);
+        merge_lora folds them into those weights (`jaxdit.lora.merge_adapters`), which samples at the base
+        model's cost.
 
         dtype: the model's computation dtype (`model.dtype`: "bfloat16" on accelerators) in place of the run's.
         text_path: where a text.encoder="t5" run's encoder folder is now, if it moved (checked to be the same one).
@@ -486,7 +488,7 @@ class Pipeline:
             config = Config.from_dict(checkpointer.restore_config(step))
             if config.task == "codec":
                 return config, None
-            return config, checkpointer.restore_weights(_weights_target(config, mesh, param_dtype), step=step)
+            return config, checkpointer.restore_weights(weights_target(abstract_train_state(config, mesh), param_dtype), step=step)
 
         with Checkpointer(directory, read_only=True) as checkpointer:
             if checkpointer.latest_step() is None:
@@ -506,10 +508,20 @@ class Pipeline:
             config = dataclasses.replace(config, model=dataclasses.replace(config.model, dtype=dtype))
         _check_codec_record(config, pathlib.Path(workdir))
         frozen_text.check_run(config, pathlib.Path(workdir))
+        params, model_rngs = state["ema"], state["model_rngs"]
+        if config.train.lora_rank:
+            base = init_from.base_params(config, init_from.recorded_source(workdir), mesh, param_dtype)
+            params = nnx.merge_state(base, params)  # the base weights and the adapters, one tree
+            if merge_lora:
+                model = nnx.merge(model_graphdef(config), params, model_rngs)
+                lora.merge_adapters(model)
+                config = lora.base_config(config)
+                _, params, model_rngs = nnx.split(model, nnx.Param, ...)
+        elif merge_lora:
+            raise ValueError(f"merge_lora: {str(workdir)!r} is not a LoRA run (train.lora_rank=0); load it without.")
         log.info("loaded %s at step %d", workdir, step)
         return cls(
-            config, state["ema"], state["model_rngs"], step=step, devices=devices, context=context, fsdp=fsdp,
-            param_dtype=param_dtype,
+            config, params, model_rngs, step=step, devices=devices, context=context, fsdp=fsdp, param_dtype=param_dtype,
         )
 
     def generate(

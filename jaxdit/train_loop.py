@@ -41,6 +41,7 @@ from jaxdit.metrics import MetricsWriter
 from jaxdit.pipeline import VideoSampler
 from jaxdit.sharding import batch_sharding, data_parallel_size, global_batch, make_mesh
 from jaxdit.train_step import (
+    abstract_base,
     abstract_train_state,
     create_train_state,
     make_model,
@@ -59,6 +60,7 @@ _FIXED_SECTIONS = {
 # Fields of fixed sections that may change: what is evaluated, and where a frozen text encoder lives
 # (frozen_text's record, of its files' contents, tells whether it is the same one).
 _FREE_FIELDS = {"autoencoder": ("eval_clips",), "text": ("path",)}
+_LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_targets")  # of `train`, fixed too
 
 
 def _comparable(name: str, section):
@@ -156,6 +158,11 @@ def train(config: Config, workdir: str | pathlib.Path) -> dict:
             "fine-tune it."
         )
     source = None  # the run whose weights start this one (train.init_from), unless it resumes
+    if config.train.lora_rank and not config.train.init_from:
+        raise ConfigError(
+            f"train.lora_rank={config.train.lora_rank} adapts another run's weights: name them with train.init_from "
+            "(a folder of python -m jaxdit.convert.wan, or a jaxdit run), or train every weight with lora_rank 0."
+        )
     if config.train.init_from:
         config, source = init_from.starting_config(config, workdir)
     if config.codec.kind == "saved":  # recorded as an absolute path, so the run loads it from anywhere
@@ -190,7 +197,9 @@ def train(config: Config, workdir: str | pathlib.Path) -> dict:
     step_fn = make_train_step(config, graphdef, codec, mesh, abstract_state, text_encoder)
     codec_state, text_state = frozen_codec_state(codec, mesh), text_encoder[1]
     # From the state's shapes alone: a dry run (train.compile_only) allocates no train state.
-    programs = compile_steps(step_fn, batches, mesh, abstract_state, codec_state, text_state)  # shape -> (program, bucket)
+    programs = compile_steps(
+        step_fn, batches, mesh, abstract_state, codec_state, text_state, abstract_base(config, mesh)
+    )  # shape -> (program, bucket)
     if cfg.compile_only:
         log.info("train.compile_only: compiled the step for %d bucket(s); stopping before the first step", len(programs))
         checkpointer.close()
@@ -198,10 +207,15 @@ def train(config: Config, workdir: str | pathlib.Path) -> dict:
     resuming = checkpointer.latest_step() is not None
     _record_codec(config, workdir, resuming=resuming, primary=primary)
     frozen_text.record_run(config, workdir, resuming=resuming, primary=primary)
+    base_state = nnx.State({})  # a LoRA run's frozen base weights, read at every start
+    if cfg.lora_rank:
+        base_source = source or init_from.recorded_source(workdir)
+        base_state = init_from.base_params(config, base_source, mesh, cfg.lora_base_dtype)
     if not resuming:
         params = None
         if source is not None:
-            params = init_from.initial_params(config, source, mesh, abstract_state)
+            if not cfg.lora_rank:  # a LoRA run starts its adapters afresh (the identity)
+                params = init_from.initial_params(config, source, mesh, abstract_state)
             init_from.record_start(workdir, source, primary=primary)
         state = create_train_state(config, abstract_state, params)
         start = 0
@@ -212,7 +226,8 @@ def train(config: Config, workdir: str | pathlib.Path) -> dict:
         log.info("resuming %s from step %d", workdir, start)
     log.info(
         "%s: %s parameters%s, %d devices, mesh %s", config.name, f"{parameter_count(state.params):,}",
-        " (the frozen codec not counted)" if config.task == "dit" else " (the codec being trained)",
+        " (LoRA adapters; the base and the frozen codec not counted)" if cfg.lora_rank
+        else " (the frozen codec not counted)" if config.task == "dit" else " (the codec being trained)",
         mesh.size, dict(mesh.shape),
     )
     writer = MetricsWriter(workdir, enabled=primary)
@@ -223,7 +238,7 @@ def train(config: Config, workdir: str | pathlib.Path) -> dict:
     else:
         samples = _Samples(
             config, graphdef, codec, codec_state, text_encoder, mesh, abstract_state, workdir, writer=writer,
-            enabled=primary,
+            enabled=primary, base_state=base_state,
         )
     # The run's root key never changes; a host copy outlives the state, which each step donates.
     root_rng = jax.random.wrap_key_data(np.asarray(jax.random.key_data(state.rng)))
@@ -238,7 +253,9 @@ def train(config: Config, workdir: str | pathlib.Path) -> dict:
                 local = next(data)
                 program, bucket = programs[_example_shape(local)]
                 batch = global_batch(local, mesh)
-                state, metrics = program(state, batch, jax.random.fold_in(root_rng, step), codec_state, text_state)
+                state, metrics = program(
+                    state, batch, jax.random.fold_in(root_rng, step), codec_state, text_state, base_state
+                )
                 # Read the previous step's metrics while this one runs: the device never waits on the host.
                 if pending is not None:
                     last_metrics = _report(*pending, cfg, writer, progress, window)
@@ -276,7 +293,7 @@ def _example_shape(batch: dict) -> tuple[int, ...]:
     return batch["latents" if "latents" in batch else "video"].shape[1:]
 
 
-def compile_steps(step_fn, batches: PlannedBatches, mesh, state, codec_state, text_state) -> dict:
+def compile_steps(step_fn, batches: PlannedBatches, mesh, state, codec_state, text_state, base_state) -> dict:
     """The train step compiled ahead of time for every bucket: {example shape: (program, bucket)}.
 
     Logs each bucket's compile time and XLA's estimate of its memory per device (arguments, outputs and
@@ -291,7 +308,7 @@ def compile_steps(step_fn, batches: PlannedBatches, mesh, state, codec_state, te
             for name, value in example.items()
         }
         start = time.perf_counter()
-        program = step_fn.lower(state, spec, rng, codec_state, text_state).compile()
+        program = step_fn.lower(state, spec, rng, codec_state, text_state, base_state).compile()
         memory = program.memory_analysis()
         total = sum(getattr(memory, f"{kind}_size_in_bytes", 0) for kind in ("argument", "output", "temp")) if memory else 0
         log.info(
@@ -327,6 +344,8 @@ def _check_same_run(saved: dict, config: Config, workdir: pathlib.Path) -> None:
     saved = Config.from_dict(saved).to_dict()  # JSON gave lists where the config has tuples
     fixed = _FIXED_SECTIONS[config.task]
     changed = [name for name in fixed if _comparable(name, saved[name]) != _comparable(name, current[name])]
+    # What the checkpoint's arrays are: LoRA adapters (their rank and layers) or every weight.
+    changed += [f"train.{name}" for name in _LORA_FIELDS if saved["train"][name] != current["train"][name]]
     if changed:
         raise ConfigError(
             f"{workdir} holds a run whose {', '.join(changed)} config differs from this one; "
@@ -336,17 +355,23 @@ def _check_same_run(saved: dict, config: Config, workdir: pathlib.Path) -> None:
 
 class _Samples:
     """Videos of the config's `sample.prompts` from the EMA weights: workdir/samples/step_N.{mp4,png};
-    with `sample.judge_prompts`, the prompt-adherence rates of that many fixed prompts, logged as metrics."""
+    with `sample.judge_prompts`, the prompt-adherence rates of that many fixed prompts, logged as metrics.
+    A LoRA run's samples apply the EMA adapters to its frozen `base_state`."""
 
     def __init__(self, config: Config, graphdef, codec, codec_state, text_encoder, mesh, abstract_state,
-                 workdir: pathlib.Path, *, writer: MetricsWriter, enabled: bool):
+                 workdir: pathlib.Path, *, writer: MetricsWriter, enabled: bool, base_state=None):
         self.config, self.writer, self.enabled = config, writer, enabled
         self.directory = workdir / "samples"
-        shardings = jax.tree.map(lambda x: x.sharding, abstract_state.ema)
+        self.base_state = nnx.State({}) if base_state is None else base_state
+        shardings = jax.tree.map(lambda x: x.sharding, nnx.merge_state(self.base_state, abstract_state.ema))
         self.sampler = VideoSampler(config, graphdef, codec, mesh, shardings, codec_state, text_encoder)
         s = config.sample
         self.shown = [p for p in s.prompts for _ in range(s.num_samples)]
         self.judged = one_object_prompts(s.judge_prompts) if s.judge_prompts else []
+
+    def _weights(self, state) -> nnx.State:
+        """The EMA weights the samples come from (a LoRA run's: its base and EMA adapters, one tree)."""
+        return nnx.merge_state(self.base_state, state.ema)
 
     def _path(self, step: int, suffix: str) -> pathlib.Path:
         return self.directory / f"step_{step:07d}{suffix}"
@@ -363,7 +388,7 @@ class _Samples:
         shapes = self.config.data.shapes  # the first of more than one frame: the judged prompts move
         frames, height, width = next((shape for shape in shapes if shape[0] > 1), shapes[0])
         videos = self.sampler(  # one program for the shown and the judged prompts
-            state.ema, state.model_rngs, self.shown + self.judged, seed=self.config.train.seed, sampler=s.sampler,
+            self._weights(state), state.model_rngs, self.shown + self.judged, seed=self.config.train.seed, sampler=s.sampler,
             steps=s.steps, eta=s.eta, cfg_scale=s.cfg_scale, num_frames=frames, height=height, width=width,
             negative_prompt=s.negative_prompt,
         )  # (P * S + J, T, H, W, 3) uint8, on every process
@@ -391,7 +416,7 @@ class _Samples:
         if not s.prompts:
             return []
         generate = functools.partial(
-            self.sampler, state.ema, state.model_rngs, seed=self.config.train.seed, sampler=s.sampler, steps=s.steps,
+            self.sampler, self._weights(state), state.model_rngs, seed=self.config.train.seed, sampler=s.sampler, steps=s.steps,
             eta=s.eta, cfg_scale=s.cfg_scale, negative_prompt=s.negative_prompt,
         )
         groups = []

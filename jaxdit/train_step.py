@@ -1,10 +1,12 @@
-"""The train state and the pure train step `(state, batch, rng, codec_state, text_state) -> (state, metrics)`.
+"""The train state and the pure train step `(state, batch, rng, codec_state, text_state, base_state) ->
+(state, metrics)`.
 
 One step for both tasks: the Denoiser learns the diffusion objective on latents of the frozen
 codec (`task="dit"`), or a VideoAutoencoder learns to be a codec (`task="codec"`); only the
-model and its loss differ. The frozen codec's state and a frozen text encoder's (T5, empty for the
-byte encoder) are arguments of the compiled step, not part of the train state: they are never
-differentiated, updated or checkpointed with the run.
+model and its loss differ. The frozen codec's state, a frozen text encoder's (T5, empty for the
+byte encoder) and a LoRA run's base weights (empty for any other run: `jaxdit.lora`) are arguments
+of the compiled step, not part of the train state: they are never differentiated, updated or
+checkpointed with the run.
 
 Shapes before memory: `abstract_train_state` traces the initialisation with `jax.eval_shape`
 and gives every array its sharding from the rules in `jaxdit.sharding`; `create_train_state`
@@ -22,7 +24,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from jaxdit import context_parallel, diffusion, flow, frames, host
+from jaxdit import context_parallel, diffusion, flow, frames, host, lora
 from jaxdit.codec import frozen_codec_state  # noqa: F401 (what the step takes as codec_state; callers find it here too)
 from jaxdit.codec.autoencoder import VideoAutoencoder, codec_loss
 from jaxdit.config import Config, TrainConfig, parse_condition
@@ -38,7 +40,7 @@ _CONDITION_STREAM = 4  # folded into a step's key for its frame conditioning (th
 @struct.dataclass
 class TrainState:
     step: jax.Array  # int32 (): steps taken so far, skipped ones included
-    params: nnx.State  # the trained model's: the Denoiser (VideoDiT and text encoder), never the frozen codec
+    params: nnx.State  # the trained model's: the Denoiser (VideoDiT and text encoder), or a LoRA run's adapters
     ema: nnx.State  # exponential moving average of `params`, used for sampling
     opt_state: optax.OptState
     model_rngs: nnx.State  # the model's RNG streams (class-label dropout), reseeded every step
@@ -74,10 +76,23 @@ def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
 
 
 def make_model(config: Config, *, rngs: nnx.Rngs) -> nnx.Module:
-    """The model the config's task trains: the Denoiser, or the video autoencoder."""
+    """The model the config's task trains: the Denoiser (with LoRA adapters: train.lora_rank), or the video
+    autoencoder."""
     if config.task == "codec":
         return VideoAutoencoder.from_config(config.autoencoder, rngs=rngs)
-    return Denoiser(config, rngs=rngs)
+    model = Denoiser(config, rngs=rngs)
+    if config.train.lora_rank:
+        lora.add_adapters(model.dit, config.train, rngs=rngs)
+    return model
+
+
+def split_model(model: nnx.Module, config: Config) -> tuple[nnx.GraphDef, nnx.State, nnx.State, nnx.State]:
+    """The model -> (graphdef, trained parameters, frozen base parameters, the rest: RNG streams). A LoRA run
+    trains its adapters and keeps every other parameter frozen; any other run trains them all (no base)."""
+    if config.train.lora_rank:
+        return nnx.split(model, nnx.LoRAParam, nnx.Param, ...)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return graphdef, params, nnx.State({}), rest
 
 
 def model_graphdef(config: Config) -> nnx.GraphDef:
@@ -87,7 +102,7 @@ def model_graphdef(config: Config) -> nnx.GraphDef:
 
 def _init_state(config: Config, tx: optax.GradientTransformation, rng: jax.Array, params=None) -> TrainState:
     model = make_model(config, rngs=nnx.Rngs(jax.random.fold_in(rng, 0)))
-    _, initialised, model_rngs = nnx.split(model, nnx.Param, ...)
+    _, initialised, _, model_rngs = split_model(model, config)  # a LoRA run's base weights come from train.init_from
     params = initialised if params is None else params  # given ones: jit drops the initialisation
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -103,6 +118,23 @@ def abstract_train_state(config: Config, mesh: jax.sharding.Mesh) -> TrainState:
     """Shapes, dtypes and shardings of the train state: the target for a checkpoint restore."""
     init = functools.partial(_init_state, config, make_optimizer(config.train))
     shapes = jax.eval_shape(init, jax.random.key(config.train.seed))
+    return _with_shardings(shapes, mesh)
+
+
+def abstract_base(config: Config, mesh: jax.sharding.Mesh) -> nnx.State:
+    """Shapes, dtypes and shardings of a LoRA run's frozen base parameters (empty for any other run): the
+    parameters of its model without adapters, floating point in train.lora_base_dtype, as
+    `jaxdit.init_from.base_params` reads them."""
+    if not config.train.lora_rank:
+        return nnx.State({})
+    dtype = jnp.dtype(config.train.lora_base_dtype)
+    stored = lambda x: jax.ShapeDtypeStruct(  # noqa: E731
+        x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype, sharding=x.sharding
+    )
+    return jax.tree.map(stored, abstract_train_state(lora.base_config(config), mesh).params)
+
+
+def _with_shardings(shapes, mesh: jax.sharding.Mesh):
     return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, state_sharding(shapes, mesh)
     )
@@ -198,21 +230,26 @@ def _given_frames(
 
 
 def train_step(
-    state: TrainState, batch: dict, rng: jax.Array, codec_state: nnx.State, text_state: nnx.State, *,
-    graphdef: nnx.GraphDef, codec_graphdef: nnx.GraphDef, text_graphdef: nnx.GraphDef | None, config: Config, tx,
+    state: TrainState, batch: dict, rng: jax.Array, codec_state: nnx.State, text_state: nnx.State,
+    base_state: nnx.State, *, graphdef: nnx.GraphDef, codec_graphdef: nnx.GraphDef,
+    text_graphdef: nnx.GraphDef | None, config: Config, tx,
 ) -> tuple[TrainState, dict]:
     """One update of the trained model on one global batch.
 
     batch: {"video": uint8 (B, T, H, W, 3) or "latents" (B, t, h, w, c), "text_tokens", "text_mask": (B, L)
     [, "text_features": (B, L, E) from a cache] [, "label": (B,)]}. codec_state: the frozen codec's
-    arrays (empty for the identity codec); text_state: the frozen text encoder's (empty for none).
+    arrays (empty for the identity codec); text_state: the frozen text encoder's (empty for none);
+    base_state: a LoRA run's frozen base parameters (empty for any other run), which its adapters
+    (`state.params`) adapt.
     """
     codec = nnx.merge(codec_graphdef, codec_state)
     text_encoder = nnx.merge(text_graphdef, text_state) if text_graphdef is not None else None
 
     def loss_fn(params):
-        # Fresh copies of the RNG streams: the loss reseeds them inside this trace (class-label dropout).
-        model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, state.model_rngs))
+        # Fresh copies of the RNG streams (the loss reseeds them inside this trace: class-label dropout) and of a
+        # LoRA run's base weights (nnx's transforms, the scan over stacked blocks, take only this trace's variables).
+        fresh = lambda tree: jax.tree.map(lambda x: x, tree)  # noqa: E731
+        model = nnx.merge(graphdef, fresh(base_state), params, fresh(state.model_rngs))
         if config.task == "codec":
             return codec_loss(model, batch, rng, config=config.autoencoder)
         return diffusion_loss(model, batch, rng, config=config, codec=codec, text_encoder=text_encoder)
@@ -239,14 +276,16 @@ def train_step(
 
 def make_train_step(
     config: Config, graphdef: nnx.GraphDef, codec, mesh: jax.sharding.Mesh, abstract_state: TrainState,
-    text_encoder: tuple[nnx.GraphDef | None, nnx.State] | None = None,
+    text_encoder: tuple[nnx.GraphDef | None, nnx.State] | None = None, base_state: nnx.State | None = None,
 ):
     """`train_step` jitted once over the mesh, with the state donated: `step(state, batch, rng, codec_state,
-    text_state)`.
+    text_state, base_state)`.
 
     codec_state is `frozen_codec_state(codec, mesh)`, the codec's arrays replicated over the mesh.
     text_encoder: `jaxdit.frozen_text.load(config, mesh)`, the frozen encoder's graphdef and the arrays the
     step takes as text_state (keeping their shardings); the default is none (an empty text_state).
+    base_state: a LoRA run's base parameters, or their `abstract_base` (the shardings are what counts); the
+    default is `abstract_base(config, mesh)`, which is empty for any other run.
     The step is traced on the mesh, so a `context` axis over several devices splits the video tokens
     (`jaxdit.context_parallel`).
     """
@@ -258,9 +297,10 @@ def make_train_step(
         config=config, tx=make_optimizer(config.train),
     )
     text_shardings = jax.tree.map(lambda x: x.sharding, text_state)
+    base_shardings = jax.tree.map(lambda x: x.sharding, abstract_base(config, mesh) if base_state is None else base_state)
     return jax.jit(
         context_parallel.traced_on(mesh, step),
-        in_shardings=(state_shardings, batch_sharding(mesh), replicated, replicated, text_shardings),
+        in_shardings=(state_shardings, batch_sharding(mesh), replicated, replicated, text_shardings, base_shardings),
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,
         compiler_options=host.compiler_options(mesh.devices.flat[0].platform),

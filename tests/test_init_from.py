@@ -6,7 +6,6 @@ import dataclasses
 import json
 import pathlib
 import shutil
-import sys
 
 import jax
 import numpy as np
@@ -17,7 +16,6 @@ from jaxdit import frozen_text, init_from, sharding
 from jaxdit.checkpoint import Checkpointer
 from jaxdit.codec import make_codec
 from jaxdit.config import Config, ConfigError, apply_overrides, load_config
-from jaxdit.convert import wan
 from jaxdit.data.pipeline import make_dataset, plan_batches
 from jaxdit.model import stack_blocks
 from jaxdit.sharding import global_batch, make_mesh
@@ -25,9 +23,6 @@ from jaxdit.train_loop import run_buckets, train
 from jaxdit.train_step import abstract_train_state, diffusion_loss, model_graphdef
 
 ROOT = pathlib.Path(__file__).parent.parent
-FIXTURE = ROOT / "tests" / "fixtures" / "wan_pipeline"
-sys.path.insert(0, str(FIXTURE))
-from assemble import assemble  # noqa: E402
 
 # 5 frames of 32x32 through the fixture's Wan VAE (8x spatial, 4x temporal, 4 channels): latents 2x4x4x4,
 # 8 tokens of 1x2x2 patches; one clip per simulated device; a checkpoint after each of 2 steps.
@@ -60,11 +55,8 @@ def arrays(tree) -> list[np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def imported(tmp_path_factory):
-    source = assemble(tmp_path_factory.mktemp("diffusers") / "Wan2.1-T2V-tiny-Diffusers")
-    out = tmp_path_factory.mktemp("runs") / "wan_tiny"
-    wan.main([str(source), "--out", str(out), "--text-length", "24"])
-    return out
+def imported(wan_tiny_run):
+    return wan_tiny_run
 
 
 @pytest.fixture(scope="module")

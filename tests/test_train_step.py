@@ -34,7 +34,7 @@ def jitted_step(config, mesh):
     codec = IdentityCodec()
     jitted = make_train_step(config, model_graphdef(config), codec, mesh, abstract)
     codec_state = frozen_codec_state(codec, mesh)
-    return abstract, lambda state, batch, rng: jitted(state, batch, rng, codec_state, nnx.State({}))
+    return abstract, lambda state, batch, rng: jitted(state, batch, rng, codec_state, nnx.State({}), nnx.State({}))
 
 
 def setup(config, mesh):
@@ -155,7 +155,7 @@ def test_train_step_lowers_for_xl_from_shapes_alone():
         "text_mask": jax.ShapeDtypeStruct((8, length), jnp.bool_, sharding=sharding),
     }
     rng = jax.eval_shape(lambda: jax.random.key(0))
-    lowered = step.lower(abstract, batch, rng, nnx.state(IdentityCodec()), nnx.State({}))
+    lowered = step.lower(abstract, batch, rng, nnx.state(IdentityCodec()), nnx.State({}), nnx.State({}))
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
     assert count > 600_000_000  # DiT-XL with a text encoder
     text = lowered.as_text()

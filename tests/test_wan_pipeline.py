@@ -5,7 +5,6 @@ the same initial latents, with guidance and a negative prompt."""
 import json
 import pathlib
 import shutil
-import sys
 
 import numpy as np
 import pytest
@@ -15,8 +14,6 @@ from jaxdit.convert import wan
 from jaxdit.pipeline import Pipeline
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "wan_pipeline"
-sys.path.insert(0, str(FIXTURE))
-from assemble import assemble  # noqa: E402
 
 STEPS, GUIDANCE, FRAMES, HEIGHT, WIDTH, TEXT_LENGTH = 6, 5.0, 5, 32, 48, 24  # as make_fixture.py
 
@@ -27,15 +24,13 @@ def reference():
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    return assemble(tmp_path_factory.mktemp("diffusers") / "Wan2.1-T2V-tiny-Diffusers")
+def source(wan_tiny_source):
+    return wan_tiny_source
 
 
 @pytest.fixture(scope="module")
-def run(source, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "wan_tiny"
-    wan.main([str(source), "--out", str(out), "--text-length", str(TEXT_LENGTH)])  # the command, in-process
-    return out
+def run(wan_tiny_run):
+    return wan_tiny_run  # converted with --text-length TEXT_LENGTH
 
 
 @pytest.fixture(scope="module")
