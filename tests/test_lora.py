@@ -14,7 +14,7 @@ from flax import nnx
 
 from jaxdit import init_from, lora
 from jaxdit.checkpoint import Checkpointer
-from jaxdit.config import Config, ConfigError, apply_overrides
+from jaxdit.config import Config, ConfigError, apply_overrides, load_config
 from jaxdit.pipeline import Pipeline
 from jaxdit.sharding import make_mesh
 from jaxdit.train_loop import train
@@ -26,6 +26,7 @@ LORA = ("--data.num_frames", "5", "--data.size", "32", "--train.batch_size", "8"
         "--train.checkpoint_every", "1", "--train.log_every", "1", "--train.learning_rate", "0.01",
         "--train.lora_rank", "4", "--train.lora_alpha", "8", "--train.lora_targets", "attn,cross,mlp",
         "--model.scan_layers", "true")
+ROOT = pathlib.Path(__file__).parent.parent
 SAMPLE = dict(num_frames=5, height=32, width=32, steps=2, cfg_scale=5.0, seed=0)
 
 
@@ -145,3 +146,11 @@ def test_lora_settings_are_checked(imported, tmp_path):
         (tmp_path / "moved").mkdir()
         (tmp_path / "moved" / init_from.RECORD).write_text(json.dumps({"init_from": str(tmp_path / "gone"), "step": 0}))
         init_from.recorded_source(tmp_path / "moved")
+
+
+def test_the_wan_lora_config_adapts_the_import(imported):
+    config = load_config(ROOT / "configs" / "wan_lora.py")  # without the converted folder
+    assert (config.train.lora_rank, config.train.lora_targets, config.train.lora_base_dtype) == (32, "attn,cross", "bfloat16")
+    assert config.data == load_config(ROOT / "configs" / "wan_finetune.py").data
+    merged = init_from.merge(config, init_from.read_source(imported).config, "the import")
+    assert merged.train.lora_rank == 32 and merged.model.qk_norm_scope == "all_heads"
