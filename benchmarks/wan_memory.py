@@ -29,6 +29,7 @@ rather than weights (the `8 x 1` rows' `temp`).
 """
 
 import argparse
+import contextlib
 import datetime
 import math
 import os
@@ -137,23 +138,32 @@ def no_scores(q, k, v, *, mask=None, implementation="auto"):
     return q + (k.mean(axis=1, keepdims=True) + v.mean(axis=1, keepdims=True)).astype(q.dtype)  # (B, N, K, Dh)
 
 
-def compile_memory(graphdef, mesh, args, *, stand_in: bool) -> tuple[dict, float]:
-    """XLA's memory account of the step compiled for `args`, and the compile's seconds; with `stand_in` the
-    local attention (the one a fused kernel runs) is `no_scores`. A new jit each time: it is traced anew."""
-    from jaxdit import benchmarking, blocks, context_parallel
+@contextlib.contextmanager
+def scoreless_attention(active: bool = True):
+    """Within it (when `active`), the model's local attention (the one a fused kernel runs) is `no_scores`."""
+    from jaxdit import blocks, context_parallel
 
     patched = (blocks, context_parallel)
     original = [module.attention for module in patched]
-    if stand_in:
+    if active:
         for module in patched:
             module.attention = no_scores
     try:
-        start = time.perf_counter()
-        compiled = guided_step(graphdef, mesh).lower(*args).compile()
-        seconds = time.perf_counter() - start
+        yield
     finally:
         for module, function in zip(patched, original, strict=True):
             module.attention = function
+
+
+def compile_memory(graphdef, mesh, args, *, stand_in: bool) -> tuple[dict, float]:
+    """XLA's memory account of the step compiled for `args`, and the compile's seconds; with `stand_in` the
+    local attention is `no_scores`. A new jit each time: it is traced anew."""
+    from jaxdit import benchmarking
+
+    with scoreless_attention(stand_in):
+        start = time.perf_counter()
+        compiled = guided_step(graphdef, mesh).lower(*args).compile()
+        seconds = time.perf_counter() - start
     return benchmarking.compiled_memory(compiled), seconds
 
 
