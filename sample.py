@@ -15,8 +15,9 @@ Unset options come from the run's `sample` config; the frames and size from its 
 other that the patch and codec divide works, with a warning if the run did not train on it; one frame
 is an image). --image, --last-image and --video prompt a run trained with frame conditioning with the
 frames every video begins or ends with (docs/generation.md). --fsdp, --context, --param-dtype and --dtype
-fit a large model on several devices (docs/generation.md). The same seed gives the same pixels on any
-number of devices. A class-conditional model (no text) takes class indices, as --class-label 207 360
+fit a large model on several devices (docs/generation.md). A LoRA run (train.lora_rank) samples with its
+adapters applied to its base weights, or folded into them with --merge-lora (docs/wan.md). The same seed gives
+the same pixels on any number of devices. A class-conditional model (no text) takes class indices, as --class-label 207 360
 (or as prompts); an imported DiT (python -m jaxdit.convert.dit) so:
 
     python sample.py --workdir runs/dit_xl2_256 --class-label 207 360 387 974 88 979 417 279 --out grid.png

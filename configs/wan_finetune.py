@@ -19,9 +19,9 @@ sets the rest:
   rematerialised, the blocks scanned (the import's unrolled blocks are stacked as they are read);
 - a checkpoint and a sample video every 500 steps, sampled as Wan's pipeline (UniPC, 50 steps,
   guidance 5, 16 fps).
-The global batch of 8 is one clip per device on 8 GPUs. Its memory is not measured yet; if it does not
-fit, add --train.fsdp N (parameters, EMA and Adam moments split over N devices) or lower
---train.batch_size. The 14B model fine-tunes the same way: --train.init_from runs/wan21_t2v_14b --train.fsdp 8.
+The global batch of 8 is one clip per device on 8 GPUs: XLA's estimate is 39 GiB a device for an 81-frame
+clip, 16 GiB with --train.fsdp 8 (parameters, EMA and Adam moments split over 8 devices; docs/wan.md). The
+14B model fine-tunes the same way with --train.init_from runs/wan21_t2v_14b --train.fsdp 8 (70.5 GiB a device).
 """
 
 from jaxdit import Config, DataConfig, DiffusionConfig, ModelConfig, SampleConfig, TrainConfig

@@ -10,7 +10,9 @@ rank-32 adapters (alpha 32: a factor of 1) on the query, key, value and output p
 cross-attention, as diffusers' and finetrainers' Wan LoRA recipes target them, at a LoRA's usual learning
 rate of 1e-4. The optimizer, the EMA and the checkpoints hold only the adapters (23.6 M numbers for
 1.3B); the base weights stay frozen in bfloat16 (`train.lora_base_dtype`), read from train.init_from at
-every start. Add "mlp" to lora_targets to adapt the feed-forward layers too.
+every start. Add "mlp" to lora_targets to adapt the feed-forward layers too. Memory per device, by XLA's
+estimate for an 81-frame clip at rank 64 on attn,cross,mlp: 16.2 GiB on one device, 5.2 GiB on 8 at
+--train.fsdp 2 --train.context 4 (docs/wan.md).
 """
 
 import dataclasses

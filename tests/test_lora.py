@@ -21,11 +21,12 @@ from jaxdit.train_loop import train
 from jaxdit.train_step import abstract_base, abstract_train_state, make_model, model_graphdef, split_model
 
 # 5 frames of 32x32 (latents 2x4x4x4 through the fixture's Wan VAE), one clip per simulated device, a checkpoint
-# after each of 2 steps; a learning rate high enough that 2 steps move the adapters visibly.
+# after each of 2 steps; a learning rate high enough, and an EMA short enough, that 2 steps move the adapters
+# visibly; a sample at the end.
 LORA = ("--data.num_frames", "5", "--data.size", "32", "--train.batch_size", "8", "--train.steps", "2",
         "--train.checkpoint_every", "1", "--train.log_every", "1", "--train.learning_rate", "0.01",
-        "--train.lora_rank", "4", "--train.lora_alpha", "8", "--train.lora_targets", "attn,cross,mlp",
-        "--model.scan_layers", "true")
+        "--train.lora_rank", "4", "--train.lora_alpha", "8", "--train.lora_targets", "attn,cross,mlp", "--train.ema_decay", "0.5",
+        "--model.scan_layers", "true", "--sample.prompts", "a red circle", "--sample.steps", "2")
 ROOT = pathlib.Path(__file__).parent.parent
 SAMPLE = dict(num_frames=5, height=32, width=32, steps=2, cfg_scale=5.0, seed=0)
 
@@ -69,12 +70,13 @@ def test_fresh_adapters_compute_the_base_model_exactly(imported, tmp_path):
     graphdef, adapters, _, rngs = split_model(make_model(config, rngs=nnx.Rngs(0)), config)
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(adapters)]
     assert len(paths) == 7 * 2 and all("'lora'" in p for p in paths)  # 7 projections per block, A and B each
-    adapted_model = nnx.merge(graphdef, base, adapters, rngs)
-    base_model = nnx.merge(model_graphdef(lora.base_config(config)), base, rngs)
     x = jax.random.normal(jax.random.key(1), (2, 2, 4, 4, 4))
     t, text = jnp.array([100.0, 900.0]), jax.random.normal(jax.random.key(2), (2, 24, 32))
     mask = jnp.arange(24)[None] < jnp.array([[5], [24]])
-    got, want = (m.dit(x, t, text=text, text_mask=mask) for m in (adapted_model, base_model))
+    forward = jax.jit(lambda graphdef, *states: nnx.merge(graphdef, *states).dit(x, t, text=text, text_mask=mask),
+                      static_argnums=0)
+    got = forward(graphdef, base, adapters, rngs)
+    want = forward(model_graphdef(lora.base_config(config)), base, rngs)
     assert np.array_equal(got, want) and np.abs(want).max() > 0
     # train.lora_base_dtype: the same base weights, kept in bfloat16, as the step's frozen argument expects them.
     halved = init_from.base_params(config, source, mesh, "bfloat16")
@@ -101,6 +103,7 @@ def test_only_the_adapters_train_and_are_checkpointed(imported, adapted):
     stacked = init_from._stacked(stored["ema"], layout=abstract_train_state(lora.base_config(config), make_mesh()).params)
     assert all(np.array_equal(a, b) for a, b in zip(leaves(base), leaves(stacked), strict=True))
     assert json.loads((adapted / init_from.RECORD).read_text())["init_from"] == str(imported)
+    assert (adapted / "samples" / "step_0000002.png").is_file()  # sampled from the base and the EMA adapters
 
 
 def test_a_resumed_lora_run_is_bitwise_the_straight_one(imported, adapted, tmp_path):
@@ -118,23 +121,25 @@ def test_a_resumed_lora_run_is_bitwise_the_straight_one(imported, adapted, tmp_p
 def test_merged_and_applied_adapters_sample_the_same_videos(imported, adapted):
     applied, merged = Pipeline.load(adapted), Pipeline.load(adapted, merge_lora=True)
     assert applied.config.train.lora_rank == 4 and merged.config.train.lora_rank == 0
-    assert not any("lora" in jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(nnx.state(merged.model)))
+    kernels = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(nnx.state(merged.model))}
+    assert not any("lora" in path for path in kernels)
+    # The merged kernels are the base's plus alpha/r A B: they moved away from the import's.
+    base = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(nnx.state(applied.model, nnx.Not(nnx.LoRAParam)))}
+    qkv = next(path for path in kernels if "stacked_blocks" in path and "qkv" in path and "kernel" in path)
+    assert np.abs(np.asarray(kernels[qkv]) - np.asarray(base[qkv])).max() > 1e-4
     prompts = ["a red circle moving left", "a blue square"]
     a, b = (p.generate(prompts, pixels="float", **SAMPLE) for p in (applied, merged))
-    assert np.abs(a - b).max() < 1e-4
-    base = Pipeline.load(imported).generate(prompts, pixels="float", **SAMPLE)
-    assert np.abs(a - base).max() > 1e-3  # the adapters change the videos
+    assert np.abs(a - b).max() < 1e-4 and np.abs(a - b).max() > 0  # the same videos, computed otherwise
     with pytest.raises(ValueError, match="not a LoRA run"):
         Pipeline.load(imported, merge_lora=True)
 
 
-def test_sample_py_merges_lora_on_request(adapted, tmp_path):
+def test_sample_py_passes_merge_lora_on(imported, tmp_path, capsys):
     import sample
 
-    out = tmp_path / "video.npy"
-    sample.main(["--workdir", str(adapted), "--prompt", "a red circle", "--num-frames", "5", "--height", "32",
-                 "--width", "32", "--steps", "2", "--merge-lora", "--out", str(out)])
-    assert np.load(out).shape == (1, 5, 32, 32, 3)
+    with pytest.raises(SystemExit):
+        sample.main(["--workdir", str(imported), "--prompt", "a red circle", "--merge-lora", "--out", str(tmp_path / "v.npy")])
+    assert "is not a LoRA run (train.lora_rank=0)" in capsys.readouterr().err
 
 
 def test_lora_settings_are_checked(imported, tmp_path):
