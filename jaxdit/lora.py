@@ -23,6 +23,7 @@ from jaxdit.options import LORA_PARTS, LORA_TARGETS, parse_lora_targets
 
 log = logging.getLogger(__name__)
 
+
 def scale(train: TrainConfig) -> float:
     """alpha / r, the factor on the adapters' product (train.lora_alpha 0: the rank, a factor of 1)."""
     return (train.lora_alpha or train.lora_rank) / train.lora_rank
