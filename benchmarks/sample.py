@@ -111,7 +111,7 @@ def run(config, args) -> dict:
     flops_per_video = sampling.evaluations(sampler_name, args.steps) * (2 if guided else 1) * flops.forward_flops(model, latent_shape, text_length)
     videos_per_s = batch_size / call
     tokens = flops.num_tokens(model, latent_shape)
-    return benchmarking.describe("sample", config, mesh.size, tokens) | {
+    return benchmarking.describe("sample", config, mesh.size, tokens, mesh) | {
         "codec": codec.kind + (" (random weights)" if args.sd_vae else ""),
         "sampler": sampler_name,
         "steps": args.steps,

@@ -85,7 +85,7 @@ def run(
     model, data, latent_shape, mesh = config.model, config.data, setup["latent_shape"], setup["mesh"]
     text_length = config.text.max_length if model.has_text else 0
     tokens = flops.num_tokens(model, latent_shape)
-    head = benchmarking.describe("train", config, jax.device_count(), tokens) | {
+    head = benchmarking.describe("train", config, jax.device_count(), tokens, mesh) | {
         "mesh": dict(mesh.shape),
         "context_attention": model.context_attention if config.train.context > 1 else None,
         "batch_size": config.train.batch_size,

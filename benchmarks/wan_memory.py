@@ -187,7 +187,8 @@ def measure(variant: str, fsdp: int, context: int, param_dtype: str, args) -> di
 
     on_device = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(params))
     ulysses, ring = context_degrees(model.context_attention, model.heads, context)
-    attention = resolve_implementation(model.attention, model.dtype, model.width // model.heads, (tokens, tokens))
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # as the step is traced: splash runs per device there
+        attention = resolve_implementation(model.attention, model.dtype, model.width // model.heads, (tokens, tokens))
     return {
         "variant": variant, "fsdp": fsdp, "context": context, "data": mesh.shape["data"],
         "attention": f"{attention} (ulysses {ulysses} x ring {ring})" if context > 1 else attention,

@@ -47,15 +47,20 @@ def compiled_memory(compiled) -> dict:
     return sizes | {"memory_per_device_bytes": total}
 
 
-def describe(benchmark: str, config, devices: int, tokens: int) -> dict:
+def describe(benchmark: str, config, devices: int, tokens: int, mesh=None) -> dict:
     """The head of a record: which benchmark, config and model ran, on what, and the self-attention
-    implementation that ran over its `tokens` space-time tokens (the model's own choice under "auto")."""
+    implementation that ran over its `tokens` space-time tokens (the model's own choice under "auto", made
+    on `mesh`, the one the benchmark's program is traced on: a TPU runs splash per device there)."""
+    import contextlib
+
     import jax
 
     from jaxdit.attention import resolve_implementation
 
     model = config.model
-    attention = resolve_implementation(model.attention, model.dtype, model.width // model.heads, (tokens, tokens))
+    on_mesh = jax.sharding.use_abstract_mesh(mesh.abstract_mesh) if mesh is not None else contextlib.nullcontext()
+    with on_mesh:
+        attention = resolve_implementation(model.attention, model.dtype, model.width // model.heads, (tokens, tokens))
     return {
         "benchmark": benchmark, "config": config.name, "variant": model.variant,
         "device": jax.devices()[0].device_kind, "devices": devices, "attention": attention,
