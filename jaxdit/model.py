@@ -16,6 +16,7 @@ from jaxdit.embed import LabelEmbedder, PooledTextEmbedder, TextProjection, Time
 from jaxdit.flow import TIME_SCALE
 from jaxdit.model_config import ModelConfig
 from jaxdit.patch import grid_shape, patchify, rope_3d, sincos_3d, unpatchify
+from jaxdit.sharding import STACKED_BLOCKS
 
 _REMAT_POLICIES = {
     "full": None,  # keep only the block's inputs; recompute the rest in the backward pass
@@ -245,5 +246,13 @@ def stack_blocks(state: nnx.State) -> nnx.State:
     blocks = state["blocks"]
     layers = [blocks[i] for i in range(len(blocks))]
     converted = nnx.State({name: value for name, value in state.items() if name != "blocks"})
-    converted["stacked_blocks"] = jax.tree.map(lambda *arrays: jnp.stack(arrays), *layers)  # each (depth, ...)
+    converted[STACKED_BLOCKS] = jax.tree.map(lambda *arrays: jnp.stack(arrays), *layers)  # each (depth, ...)
     return converted
+
+
+def unstack_blocks(dit: dict, depth: int) -> list[dict]:
+    """A VideoDiT's parameters (a pure dict, NumPy or jax arrays) -> each block's, in order: the unrolled
+    `blocks`, or layer i of every array of a `scan_layers` run's `stacked_blocks` (views, no copies)."""
+    if STACKED_BLOCKS in dit:
+        return [jax.tree.map(lambda a, i=i: a[i], dit[STACKED_BLOCKS]) for i in range(depth)]
+    return [dit["blocks"][i] for i in range(depth)]

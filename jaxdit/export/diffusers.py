@@ -42,6 +42,7 @@ from jaxdit.config import Config, ConfigError
 from jaxdit.convert import wan
 from jaxdit.export.lora import MODULES
 from jaxdit.init_from import weights_target
+from jaxdit.model import unstack_blocks
 from jaxdit.model_config import WAN_LAYOUT, ModelConfig
 from jaxdit.sharding import make_mesh
 from jaxdit.train_step import abstract_train_state, model_graphdef
@@ -104,7 +105,7 @@ def state_dict(dit: dict, model: ModelConfig) -> dict[str, np.ndarray]:
     }
     for key, path in wan._LAYERS.items():
         tensors.update(_torch_linears((key,), _at(dit, path)))
-    for i, block in enumerate(_blocks(dit, model.depth)):
+    for i, block in enumerate(unstack_blocks(dit, model.depth)):
         for path, keys in MODULES.items():  # one diffusers Linear per part of a fused projection
             tensors.update(_torch_linears([f"blocks.{i}.{key}" for key in keys], _at(block, path)))
         tensors.update({f"blocks.{i}.{key}": _at(block, path) for key, path in wan._BLOCK_VECTORS.items()})
@@ -114,13 +115,6 @@ def state_dict(dit: dict, model: ModelConfig) -> dict[str, np.ndarray]:
 
 def _at(tree: dict, path: tuple):
     return functools.reduce(operator.getitem, path, tree)
-
-
-def _blocks(dit: dict, depth: int) -> list[dict]:
-    """Each block's parameters: the unrolled blocks, or layer i of every array of a scan_layers run's stack (views)."""
-    if "stacked_blocks" in dit:
-        return [jax.tree.map(lambda a, i=i: a[i], dit["stacked_blocks"]) for i in range(depth)]
-    return [dit["blocks"][i] for i in range(depth)]
 
 
 def _torch_linears(keys, layer: dict) -> dict[str, np.ndarray]:

@@ -29,6 +29,7 @@ from jaxdit import lora
 from jaxdit.checkpoint import Checkpointer, CheckpointError
 from jaxdit.config import Config, ConfigError
 from jaxdit.convert.wan import _BLOCK_LAYERS, _FUSED
+from jaxdit.model import unstack_blocks
 from jaxdit.model_config import WAN_LAYOUT
 from jaxdit.options import LORA_TARGETS
 from jaxdit.sharding import make_mesh
@@ -57,11 +58,7 @@ def adapter_tensors(config: Config, adapters) -> dict[str, np.ndarray]:
     {diffusers key: float32 array}, blocks in order, each projection's lora_A (r, in) and lora_B (out, r)."""
     dit = nnx.to_pure_dict(adapters) if isinstance(adapters, nnx.State) else adapters
     dit = dit.get("dit", dit)
-    if config.model.scan_layers:  # one stacked tree: layer i is index i of every array
-        stacked = dit["stacked_blocks"]
-        blocks = [jax.tree.map(lambda a, i=i: np.asarray(a)[i], stacked) for i in range(config.model.depth)]
-    else:
-        blocks = [dit["blocks"][i] for i in range(config.model.depth)]
+    blocks = unstack_blocks(jax.tree.map(np.asarray, dit), config.model.depth)
     scale, rank = lora.scale(config.train), config.train.lora_rank
     tensors = {}
     for i, block in enumerate(blocks):
