@@ -33,7 +33,6 @@ import logging
 import pathlib
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from jaxdit import codec as codecs
@@ -41,7 +40,7 @@ from jaxdit import frozen_text, lora
 from jaxdit.checkpoint import IMPORT_RECORD, Checkpointer, CheckpointError, latest_step
 from jaxdit.config import Config, ConfigError
 from jaxdit.model import stack_blocks
-from jaxdit.train_step import abstract_train_state
+from jaxdit.train_step import abstract_train_state, stored_in
 
 log = logging.getLogger(__name__)
 
@@ -163,11 +162,7 @@ def _check_codec_and_text(config: Config, directory: pathlib.Path) -> None:
 def weights_target(abstract_state, param_dtype: str = "float32"):
     """A train state's shapes and shardings with the EMA's floating-point arrays in `param_dtype`: what a
     checkpoint's EMA weights are read into, cast as they are read (no float32 copy on a device)."""
-    def stored(x):
-        dtype = jnp.dtype(param_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
-        return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
-
-    return abstract_state.replace(ema=jax.tree.map(stored, abstract_state.ema))
+    return abstract_state.replace(ema=stored_in(abstract_state.ema, param_dtype))
 
 
 def initial_params(

@@ -127,11 +127,17 @@ def abstract_base(config: Config, mesh: jax.sharding.Mesh) -> nnx.State:
     `jaxdit.init_from.base_params` reads them."""
     if not config.train.lora_rank:
         return nnx.State({})
-    dtype = jnp.dtype(config.train.lora_base_dtype)
-    stored = lambda x: jax.ShapeDtypeStruct(  # noqa: E731
-        x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype, sharding=x.sharding
-    )
-    return jax.tree.map(stored, abstract_train_state(lora.base_config(config), mesh).params)
+    return stored_in(abstract_train_state(lora.base_config(config), mesh).params, config.train.lora_base_dtype)
+
+
+def stored_in(abstract, dtype: str):
+    """Abstract arrays (ShapeDtypeStructs with shardings) with the floating-point ones in `dtype`; the rest (RNG
+    keys, counts) and every shape and sharding as they are."""
+    def stored(x):
+        kept = x.dtype if not jnp.issubdtype(x.dtype, jnp.floating) else jnp.dtype(dtype)
+        return jax.ShapeDtypeStruct(x.shape, kept, sharding=x.sharding)
+
+    return jax.tree.map(stored, abstract)
 
 
 def _with_shardings(shapes, mesh: jax.sharding.Mesh):
