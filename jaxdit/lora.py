@@ -102,6 +102,18 @@ def merge_adapters(model: nnx.Module) -> None:
             del linear.lora
 
 
+def merged_params(graphdef: nnx.GraphDef, base: nnx.State, adapters: nnx.State, model_rngs: nnx.State) -> nnx.State:
+    """A LoRA model's parameters with its adapters folded into the base weights (`merge_adapters`): the
+    parameters of the model without adapters (`base_config`). One jitted program; `base` is donated, so the
+    merged kernels reuse its buffers. graphdef: the LoRA model's (`jaxdit.train_step.model_graphdef`)."""
+    def merge(base, adapters, model_rngs):
+        model = nnx.merge(graphdef, nnx.merge_state(base, adapters), model_rngs)
+        merge_adapters(model)
+        return nnx.state(model, nnx.Param)
+
+    return jax.jit(merge, donate_argnums=0)(base, adapters, model_rngs)
+
+
 def base_config(config: Config) -> Config:
     """The config of the model a LoRA run adapts: the same one, without adapters."""
     return dataclasses.replace(config, train=dataclasses.replace(config.train, lora_rank=0))

@@ -31,7 +31,6 @@ from jaxdit import context_parallel, frames, frozen_text, host, init_from, lora,
 from jaxdit.checkpoint import Checkpointer
 from jaxdit.codec import frozen_codec_state, make_codec, to_uint8
 from jaxdit.config import Config
-from jaxdit.init_from import weights_target
 from jaxdit.options import DTYPES, check_choice
 from jaxdit.sharding import batch_sharding, data_parallel_size, make_mesh, state_sharding
 from jaxdit.text import make_tokenizer
@@ -488,7 +487,9 @@ class Pipeline:
             config = Config.from_dict(checkpointer.restore_config(step))
             if config.task == "codec":
                 return config, None
-            return config, checkpointer.restore_weights(weights_target(abstract_train_state(config, mesh), param_dtype), step=step)
+            return config, checkpointer.restore_weights(
+                init_from.weights_target(abstract_train_state(config, mesh), param_dtype), step=step
+            )
 
         with Checkpointer(directory, read_only=True) as checkpointer:
             if checkpointer.latest_step() is None:
@@ -511,12 +512,11 @@ class Pipeline:
         params, model_rngs = state["ema"], state["model_rngs"]
         if config.train.lora_rank:
             base = init_from.base_params(config, init_from.recorded_source(workdir), mesh, param_dtype)
-            params = nnx.merge_state(base, params)  # the base weights and the adapters, one tree
             if merge_lora:
-                model = nnx.merge(model_graphdef(config), params, model_rngs)
-                lora.merge_adapters(model)
+                params = lora.merged_params(model_graphdef(config), base, params, model_rngs)
                 config = lora.base_config(config)
-                _, params, model_rngs = nnx.split(model, nnx.Param, ...)
+            else:
+                params = nnx.merge_state(base, params)  # the base weights and the adapters, one tree
         elif merge_lora:
             raise ValueError(f"merge_lora: {str(workdir)!r} is not a LoRA run (train.lora_rank=0); load it without.")
         log.info("loaded %s at step %d", workdir, step)

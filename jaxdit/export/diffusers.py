@@ -184,15 +184,7 @@ def _read_step(checkpointer: Checkpointer, step: int, *, where: str, mesh, dtype
 def _merged(config: Config, run: pathlib.Path, mesh, state: dict) -> nnx.State:
     """A LoRA run's EMA adapters folded into the base weights it adapts (`init_from.recorded_source`)."""
     base = init_from.base_params(config, init_from.recorded_source(run), mesh)
-    graphdef = model_graphdef(config)
-
-    def merge(base, adapters, model_rngs):
-        model = nnx.merge(graphdef, nnx.merge_state(base, adapters), model_rngs)
-        lora.merge_adapters(model)
-        return nnx.state(model, nnx.Param)
-
-    # One program, not an operation at a time; the base's buffers are donated, so the merged kernels reuse them.
-    return jax.jit(merge, donate_argnums=0)(base, state["ema"], state["model_rngs"])
+    return lora.merged_params(model_graphdef(config), base, state["ema"], state["model_rngs"])
 
 
 def recorded_pipeline(run) -> pathlib.Path | None:
