@@ -128,14 +128,12 @@ def time_steps(compiled, config, inputs, steps: int, mesh) -> float:
 
     import jax
 
-    from jaxdit.lora import base_config
-    from jaxdit.train_step import abstract_train_state, create_train_state
+    from jaxdit import benchmarking
+    from jaxdit.train_step import create_train_state
 
-    abstract, batch, rng, codec_state, text_state, base = inputs
+    abstract, batch, _, codec_state, text_state, _ = inputs
     state = create_train_state(config, abstract)
-    if config.train.lora_rank:  # random base weights in train.lora_base_dtype
-        full = create_train_state(base_config(config), abstract_train_state(base_config(config), mesh))
-        base = jax.tree.map(lambda x, target: x.astype(target.dtype), full.params, base)
+    base = benchmarking.random_base(config, mesh)
     arrays = {name: jax.device_put(jax.random.normal(jax.random.key(1), spec.shape).astype(spec.dtype) if
                                    spec.dtype != bool else jax.numpy.ones(spec.shape, bool), spec.sharding)
               for name, spec in batch.items()}

@@ -133,6 +133,21 @@ def synthetic_batch(config, latent_shape, *, latents: bool, mesh, abstract: bool
     return (jax.eval_shape if abstract else lambda f, key: f(key))(make, jax.random.key(config.train.seed))
 
 
+def random_base(config, mesh):
+    """A LoRA config's frozen base weights, randomly initialised, in train.lora_base_dtype and with the shardings the
+    step takes them in (`jaxdit.train_step.abstract_base`; empty for any other config)."""
+    import jax
+
+    from jaxdit.lora import base_config
+    from jaxdit.train_step import abstract_base, abstract_train_state, create_train_state
+
+    target = abstract_base(config, mesh)
+    if not config.train.lora_rank:
+        return target
+    base = create_train_state(base_config(config), abstract_train_state(base_config(config), mesh)).params
+    return jax.tree.map(lambda x, stored: x.astype(stored.dtype), base, target)
+
+
 def compiled_train_step(config, *, latents: bool, abstract: bool = False) -> dict:
     """train.py's jitted train step for `config`, compiled ahead of time, with a fresh state, a
     synthetic batch (`synthetic_batch`) and the frozen codec's and text encoder's states. With `latents`
@@ -151,7 +166,6 @@ def compiled_train_step(config, *, latents: bool, abstract: bool = False) -> dic
 
     from jaxdit import frozen_text
     from jaxdit.codec import IdentityCodec, frozen_codec_state, make_codec
-    from jaxdit.lora import base_config
     from jaxdit.sharding import data_parallel_size, make_mesh
     from jaxdit.train_loop import check_config
     from jaxdit.train_step import (
@@ -184,10 +198,7 @@ def compiled_train_step(config, *, latents: bool, abstract: bool = False) -> dic
     state = abstract_state if abstract else create_train_state(config, abstract_state)
     text_encoder = frozen_text.load(config, mesh)
     step = make_train_step(config, model_graphdef(config), codec, mesh, abstract_state, text_encoder)
-    base_state = abstract_base(config, mesh)
-    if config.train.lora_rank and not abstract:  # random base weights, in train.lora_base_dtype
-        base = create_train_state(base_config(config), abstract_train_state(base_config(config), mesh)).params
-        base_state = jax.tree.map(lambda x, target: x.astype(target.dtype), base, base_state)
+    base_state = abstract_base(config, mesh) if abstract else random_base(config, mesh)
     frozen = (frozen_codec_state(codec, mesh), text_encoder[1], base_state)
     batch = synthetic_batch(config, latent_shape, latents=latents, mesh=mesh, abstract=abstract)
     start = time.perf_counter()
