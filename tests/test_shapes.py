@@ -6,7 +6,18 @@ import re
 import numpy as np
 import pytest
 
-from jaxdit.data.shapes import COLOURS, DIRECTIONS, SHAPES, SIZES, ShapesDataset, caption_of
+from jaxdit.data.shapes import (
+    COLOURS,
+    DIRECTIONS,
+    SHAPES,
+    SIZES,
+    SUPERSAMPLE,
+    MovingObject,
+    ShapesDataset,
+    caption_of,
+    coverage,
+    sample_objects,
+)
 
 # The caption grammar and colours exactly as DESIGN.md ("Moving-shapes captions") states them.
 _OBJECT = (
@@ -142,6 +153,39 @@ def test_any_frame_size_and_stills_match_their_captions(shape):
     assert ds[3]["caption"] == ds.clip(3, (16, 32, 32))["caption"]  # ds[i] is clip i at the data set's shape
     np.testing.assert_array_equal(ShapesDataset(num_frames=2, height=16, width=32, seed=9)[4]["video"],
                                   ds.clip(4, (2, 16, 32))["video"])
+
+
+def _whole_frame_coverage(obj: MovingObject, frames: int, height: int, width: int) -> np.ndarray:
+    """The coverage the shapes' definition gives, sampled over the whole frame: (T, H, W) sixteenths."""
+    side = SIZES[obj.size] * min(height, width)
+    fraction = np.linspace(0.0, 1.0, frames)[:, None, None]
+    x0 = obj.start[0] + fraction * (obj.end[0] - obj.start[0])
+    y0 = obj.start[1] + fraction * (obj.end[1] - obj.start[1])
+    x = (np.arange(width * SUPERSAMPLE) + 0.5)[None, None, :] / SUPERSAMPLE - x0  # (T, 1, W*4)
+    y = (np.arange(height * SUPERSAMPLE) + 0.5)[None, :, None] / SUPERSAMPLE - y0  # (T, H*4, 1)
+    inside = {
+        "square": lambda: (0 <= x) & (x < side) & (0 <= y) & (y < side),
+        "circle": lambda: (x - side / 2) ** 2 + (y - side / 2) ** 2 < (side / 2) ** 2,
+        "triangle": lambda: (y < side) & (np.abs(x - side / 2) <= y / 2),
+    }[obj.shape]()
+    inside = np.broadcast_to(inside, (frames, height * SUPERSAMPLE, width * SUPERSAMPLE))
+    return inside.reshape(frames, height, SUPERSAMPLE, width, SUPERSAMPLE).sum((2, 4)) / SUPERSAMPLE**2
+
+
+@pytest.mark.parametrize("shape", [(8, 32, 32), (8, 32, 48), (5, 50, 17), (1, 16, 16), (3, 100, 20)])
+def test_coverage_is_the_whole_frame_sampling(shape):
+    """Each frame is drawn in a window around its box: the same values, bit for bit, as sampling the
+    whole frame, for random objects and for boxes against every edge of the frame."""
+    frames, height, width = shape
+    rng = np.random.default_rng(5)
+    objects = [o for _ in range(40) for o in sample_objects(rng, height, width, 3, still=frames == 1)]
+    for size in SIZES:
+        room_x, room_y = width - SIZES[size] * min(height, width), height - SIZES[size] * min(height, width)
+        for shape_name in SHAPES:
+            for start, end in (((0, 0), (room_x, room_y)), ((room_x, 0), (0, room_y)), ((room_x, room_y), (room_x, 0))):
+                objects.append(MovingObject(size, "red", shape_name, "left", start, end))
+    for obj in objects:
+        np.testing.assert_array_equal(coverage(obj, *shape), _whole_frame_coverage(obj, *shape), err_msg=str(obj))
 
 
 def test_several_objects():

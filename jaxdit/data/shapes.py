@@ -14,6 +14,7 @@ supersampling; interior pixels are exactly the pure colour.
 """
 
 import dataclasses
+import math
 import operator
 import re
 
@@ -32,6 +33,8 @@ COLOURS = {  # name -> pure RGB; interior pixels carry exactly these values
 SHAPES = ("circle", "square", "triangle")  # the triangle points up, apex at the box's top middle
 SIZES = {"small": 1 / 6, "large": 1 / 3}  # box side / frame side: a 2x gap, and large + S/3 travel still fits
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # unit (dx, dy)
+
+_SIZE_NAMES, _DIRECTION_NAMES = tuple(SIZES), tuple(DIRECTIONS)
 
 MIN_TRAVEL = 1 / 3  # every object of a video travels at least this fraction of the frame over the clip
 MIN_SIZE = 16  # the short side: a small shape below 16 px is under 3 px wide
@@ -70,16 +73,18 @@ def sample_objects(rng: np.random.Generator, height: int, width: int, max_object
     count = int(rng.integers(1, max_objects + 1))
     colours = rng.choice(list(COLOURS), size=count, replace=False)
     objects = []
+    # rng.integers(0, n) is the draw rng.choice makes from n items (the same stream), without converting
+    # the list to an array: most of a still's drawing time.
     for colour in colours:
-        size_name = str(rng.choice(list(SIZES)))
-        shape = str(rng.choice(SHAPES))
+        size_name = _SIZE_NAMES[rng.integers(0, len(SIZES))]
+        shape = SHAPES[rng.integers(0, len(SHAPES))]
         side = SIZES[size_name] * min(height, width)
         room_x, room_y = width - side, height - side  # the box's top-left corner lies in [0, room] on each axis
         if still:
             start = (rng.uniform(0, room_x), rng.uniform(0, room_y))
             objects.append(MovingObject(size_name, str(colour), shape, None, start, start))
             continue
-        direction = str(rng.choice(list(DIRECTIONS)))
+        direction = _DIRECTION_NAMES[rng.integers(0, len(DIRECTIONS))]
         dx, dy = DIRECTIONS[direction]
         (extent, room), across_room = ((width, room_x), room_y) if dx else ((height, room_y), room_x)
         travel = rng.uniform(MIN_TRAVEL * extent, room)  # pixels over the whole clip
@@ -96,31 +101,41 @@ def sample_objects(rng: np.random.Generator, height: int, width: int, max_object
 def coverage(obj: MovingObject, num_frames: int, height: int, width: int) -> np.ndarray:
     """The fraction of each pixel the object covers on each frame, in [0, 1]: (T, H, W)."""
     side = SIZES[obj.size] * min(height, width)
-    fraction = np.linspace(0.0, 1.0, num_frames)[:, None, None]  # (T, 1, 1): linear motion
-    x0 = obj.start[0] + fraction * (obj.end[0] - obj.start[0])  # (T, 1, 1)
-    y0 = obj.start[1] + fraction * (obj.end[1] - obj.start[1])  # (T, 1, 1)
-    x = (np.arange(width * SUPERSAMPLE) + 0.5)[None, None, :] / SUPERSAMPLE - x0  # (T, 1, W*4): relative to the box
-    y = (np.arange(height * SUPERSAMPLE) + 0.5)[None, :, None] / SUPERSAMPLE - y0  # (T, H*4, 1)
+    fraction = np.linspace(0.0, 1.0, num_frames)  # (T,): linear motion
+    x0 = obj.start[0] + fraction * (obj.end[0] - obj.start[0])  # (T,)
+    y0 = obj.start[1] + fraction * (obj.end[1] - obj.start[1])  # (T,)
+    # Each frame is drawn in a window of n x n pixels that holds the box, not over the whole frame.
+    n = min(math.ceil(side) + 1, height, width)
+    left = np.minimum(np.floor(x0).astype(int), width - n)  # (T,) the windows' first column
+    top = np.minimum(np.floor(y0).astype(int), height - n)  # (T,) and first row
+    sub = np.arange(n * SUPERSAMPLE)  # the samples of a window's row or column
+    x = ((left[:, None] * SUPERSAMPLE + sub) + 0.5)[:, None, :] / SUPERSAMPLE - x0[:, None, None]  # (T, 1, n*4)
+    y = ((top[:, None] * SUPERSAMPLE + sub) + 0.5)[:, :, None] / SUPERSAMPLE - y0[:, None, None]  # (T, n*4, 1)
     if obj.shape == "square":
         inside = (0 <= x) & (x < side) & (0 <= y) & (y < side)
     elif obj.shape == "circle":
         inside = (x - side / 2) ** 2 + (y - side / 2) ** 2 < (side / 2) ** 2
     else:  # triangle: apex (side/2, 0), base along y = side; half-width grows as y/2
         inside = (y < side) & (np.abs(x - side / 2) <= y / 2)
-    inside = np.broadcast_to(inside, (num_frames, height * SUPERSAMPLE, width * SUPERSAMPLE))  # (T, H*4, W*4)
-    blocks = np.ascontiguousarray(inside).view(np.uint8).reshape(num_frames, height, SUPERSAMPLE, width, SUPERSAMPLE)
-    # The samples inside each pixel, counted in uint8 (at most 16), then one division: exact sixteenths,
-    # twice as fast as a float mean over the sample axes (the renderer is most of a training batch's CPU time).
-    counts = blocks.sum(axis=2, dtype=np.uint8).sum(axis=-1, dtype=np.uint8)  # (T, H, W)
+    blocks = inside.view(np.uint8).reshape(num_frames, n, SUPERSAMPLE, n, SUPERSAMPLE)
+    # The samples inside each pixel, counted in uint8 (at most 16), then one division: exact sixteenths
+    # (the renderer is most of a training batch's CPU time).
+    counts = np.zeros((num_frames, height, width), np.uint8)  # (T, H, W)
+    rows, cols = top[:, None] + np.arange(n), left[:, None] + np.arange(n)  # (T, n) each
+    frames = np.arange(num_frames)[:, None, None]
+    counts[frames, rows[:, :, None], cols[:, None, :]] = blocks.sum(axis=2, dtype=np.uint8).sum(axis=-1, dtype=np.uint8)
     return counts / SUPERSAMPLE**2  # (T, H, W)
 
 
 def render(objects: list[MovingObject], num_frames: int, height: int, width: int) -> np.ndarray:
     """Draws the objects in order over black, each over the ones before: uint8 (T, H, W, 3)."""
-    video = np.zeros((num_frames, height, width, 3))  # (T, H, W, 3)
+    video = None  # black
     for obj in objects:
         alpha = coverage(obj, num_frames, height, width)[..., None]  # (T, H, W, 1)
-        video = video * (1 - alpha) + alpha * np.array(COLOURS[obj.colour], float)  # (T, H, W, 3)
+        drawn = alpha * np.array(COLOURS[obj.colour], float)  # (T, H, W, 3)
+        video = drawn if video is None else video * (1 - alpha) + drawn  # (T, H, W, 3)
+    if video is None:
+        return np.zeros((num_frames, height, width, 3), np.uint8)
     return np.rint(video).astype(np.uint8)  # (T, H, W, 3)
 
 
