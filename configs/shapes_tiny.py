@@ -2,8 +2,9 @@
 of several shapes and on images, and prompted with images and clips.
 
 Four buckets (jaxdit.data.buckets), one shape per step: 8 frames of 32x32 (square), 32x48 (landscape)
-and 48x32 (portrait) pixels, and still images (32x32), each a bucket drawn for a quarter of the clips;
-a token budget of 512 a step gives batches of 8, 5, 5 and 32. The clips are cut into 2x8x8 spacetime
+and 48x32 (portrait) pixels, and still images (32x32); a token budget of 512 a step gives batches of 8,
+5, 5 and 32. Stills take about 45% of the steps: a still shows a shape in 16 tokens where a clip spends
+64-96 on one, and what the videos lack most is the shape (docs/quality.md). The clips are cut into 2x8x8 spacetime
 patches (64 tokens for the square) for a 4-block model of width 128, conditioned by adaLN-Zero on the
 timestep and the pooled caption of a 1-block byte-level text encoder; an image's one frame is repeated
 to fill the 2-frame patch. Frame conditioning (jaxdit.frames): a share of the clips is trained with
@@ -33,6 +34,9 @@ from jaxdit import Config, DataConfig, DiffusionConfig, ModelConfig, SampleConfi
 # Square first (what sample.py makes by default, and what is judged while training), then landscape,
 # portrait, and still images (one frame, a still clip of two to the 2-frame temporal patch).
 BUCKETS = ((8, 32, 32), (8, 32, 48), (8, 48, 32), (1, 32, 32))
+# Every clip is drawn for a bucket at random, then kept with its bucket's probability: stills take about
+# 45% of the steps (batches of 32), the square 12% and the landscape and portrait 20% each.
+BUCKET_KEEP = (0.07, 0.07, 0.07, 1.0)
 PROMPTS = (
     "a large red circle moving left",
     "a large blue square moving right",
@@ -50,7 +54,9 @@ def get_config() -> Config:
         ),
         diffusion=DiffusionConfig(process="flow", prediction="x0", time_sampling="logit_normal", shift=3.0),
         text=TextConfig(max_length=48, depth=1, heads=4, bigram_buckets=4096),
-        data=DataConfig(source="shapes", num_frames=8, size=32, buckets=BUCKETS, bucket_tokens=512),
+        data=DataConfig(
+            source="shapes", num_frames=8, size=32, buckets=BUCKETS, bucket_tokens=512, bucket_keep=BUCKET_KEEP
+        ),
         train=TrainConfig(
             steps=11500, batch_size=8, learning_rate=3e-3, adam_b2=0.95, warmup_steps=100, lr_schedule="cosine",
             ema_decay=0.995, checkpoint_every=1000, log_every=50,
