@@ -3,7 +3,7 @@ of several shapes and on images, and prompted with images and clips.
 
 Four buckets (jaxdit.data.buckets), one shape per step: 8 frames of 32x32 (square), 32x48 (landscape)
 and 48x32 (portrait) pixels, and still images (32x32); a token budget of 512 a step gives batches of 8,
-5, 5 and 32. Stills take about 45% of the steps: a still shows a shape in 16 tokens where a clip spends
+5, 5 and 32. Stills take 46% of the steps: a still shows a shape in 16 tokens where a clip spends
 64-96 on one, and what the videos lack most is the shape (docs/quality.md). The clips are cut into 2x8x8 spacetime
 patches (64 tokens for the square) for a 4-block model of width 128, conditioned by adaLN-Zero on the
 timestep and the pooled caption of a 1-block byte-level text encoder; an image's one frame is repeated
@@ -19,7 +19,7 @@ that noise does not drown those positions; and a hashed bag of caption bigrams i
 that the direction word reaches the condition vector as strongly as the colour word. The clips hold one
 object, whose four words the pooled caption carries whole, so the blocks have no cross-attention to the
 text tokens (configs/shapes.py, with two objects, keeps it). AdamW at 3e-3 and beta2 0.95, guidance 2.
-About 14 minutes for the whole command on 2 CPU cores (docs/quality.md, "The default run").
+About 13.5 minutes for the whole command on 2 CPU cores (docs/quality.md, "The default run").
 
 Sample videos of PROMPTS are written to runs/shapes_tiny/samples/ every 2000 steps and at the end
 (step_N.png, .mp4), with the landscape, portrait, still and image-to-video examples labelled in
@@ -35,7 +35,7 @@ from jaxdit import Config, DataConfig, DiffusionConfig, ModelConfig, SampleConfi
 # portrait, and still images (one frame, a still clip of two to the 2-frame temporal patch).
 BUCKETS = ((8, 32, 32), (8, 32, 48), (8, 48, 32), (1, 32, 32))
 # Every clip is drawn for a bucket at random, then kept with its bucket's probability: stills take about
-# 45% of the steps (batches of 32), the square 12% and the landscape and portrait 20% each.
+# 46% of the steps (batches of 32), the square 12% and the landscape and portrait 21% each.
 BUCKET_KEEP = (0.07, 0.07, 0.07, 1.0)
 PROMPTS = (
     "a large red circle moving left",
