@@ -175,15 +175,17 @@ def _whole_frame_coverage(obj: MovingObject, frames: int, height: int, width: in
 @pytest.mark.parametrize("shape", [(8, 32, 32), (8, 32, 48), (5, 50, 17), (1, 16, 16), (3, 100, 20)])
 def test_coverage_is_the_whole_frame_sampling(shape):
     """Each frame is drawn in a window around its box: the same values, bit for bit, as sampling the
-    whole frame, for random objects and for boxes against every edge of the frame."""
+    whole frame, for random objects, for boxes against every edge of the frame and for boxes partly or
+    wholly outside it."""
     frames, height, width = shape
     rng = np.random.default_rng(5)
     objects = [o for _ in range(40) for o in sample_objects(rng, height, width, 3, still=frames == 1)]
     for size in SIZES:
         room_x, room_y = width - SIZES[size] * min(height, width), height - SIZES[size] * min(height, width)
         for shape_name in SHAPES:
-            for start, end in (((0, 0), (room_x, room_y)), ((room_x, 0), (0, room_y)), ((room_x, room_y), (room_x, 0))):
-                objects.append(MovingObject(size, "red", shape_name, "left", start, end))
+            for start, end in (((0, 0), (room_x, room_y)), ((room_x, 0), (0, room_y)), ((room_x, room_y), (room_x, 0)),
+                               ((-3.5, -2.25), (room_x + 4.5, room_y + 3)), ((-width, 0), (width, height))):
+                objects.append(MovingObject(size, "red", shape_name, "left", start, end))  # the last two leave the frame
     for obj in objects:
         np.testing.assert_array_equal(coverage(obj, *shape), _whole_frame_coverage(obj, *shape), err_msg=str(obj))
 

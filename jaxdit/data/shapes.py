@@ -104,10 +104,10 @@ def coverage(obj: MovingObject, num_frames: int, height: int, width: int) -> np.
     fraction = np.linspace(0.0, 1.0, num_frames)  # (T,): linear motion
     x0 = obj.start[0] + fraction * (obj.end[0] - obj.start[0])  # (T,)
     y0 = obj.start[1] + fraction * (obj.end[1] - obj.start[1])  # (T,)
-    # Each frame is drawn in a window of n x n pixels that holds the box, not over the whole frame.
+    # Each frame is drawn in a window of n x n pixels that holds the box's part inside the frame.
     n = min(math.ceil(side) + 1, height, width)
-    left = np.minimum(np.floor(x0).astype(int), width - n)  # (T,) the windows' first column
-    top = np.minimum(np.floor(y0).astype(int), height - n)  # (T,) and first row
+    left = np.clip(np.floor(x0).astype(int), 0, width - n)  # (T,) the windows' first column
+    top = np.clip(np.floor(y0).astype(int), 0, height - n)  # (T,) and first row
     sub = np.arange(n * SUPERSAMPLE)  # the samples of a window's row or column
     x = ((left[:, None] * SUPERSAMPLE + sub) + 0.5)[:, None, :] / SUPERSAMPLE - x0[:, None, None]  # (T, 1, n*4)
     y = ((top[:, None] * SUPERSAMPLE + sub) + 0.5)[:, :, None] / SUPERSAMPLE - y0[:, None, None]  # (T, n*4, 1)
