@@ -3,13 +3,13 @@ of several shapes and on images, and prompted with images and clips.
 
 Four buckets (jaxdit.data.buckets), one shape per step: 8 frames of 32x32 (square), 32x48 (landscape)
 and 48x32 (portrait) pixels, and still images (32x32); a token budget of 512 a step gives batches of 8,
-5, 5 and 32. Stills take 46% of the steps: a still shows a shape in 16 tokens where a clip spends
-64-96 on one, and what the videos lack most is the shape (docs/quality.md). The clips are cut into 2x8x8 spacetime
-patches (64 tokens for the square) for a 4-block model of width 128, conditioned by adaLN-Zero on the
-timestep and the pooled caption of a 1-block byte-level text encoder; an image's one frame is repeated
-to fill the 2-frame patch. Frame conditioning (jaxdit.frames): a share of the clips is trained with
-frames given (mostly the first: image-to-video; also the last, both, or a leading or trailing clip of 2
-frames), so the run can be prompted with an image or a clip.
+5, 5 and 32. Stills take 46% of the steps: a still shows a shape in 16 tokens where a clip spends 64-96
+on one, and what the videos lack most is the shape (docs/quality.md). The clips are cut into 2x8x8
+spacetime patches (64 tokens for the square) for a 4-block model of width 128, conditioned by adaLN-Zero
+on the timestep and the pooled caption of a 1-block byte-level text encoder; an image's one frame is
+repeated to fill the 2-frame patch. Frame conditioning (jaxdit.frames): a share of the clips is trained
+with frames given (mostly the first: image-to-video; also the last, both, or a leading or trailing clip
+of 2 frames), so the run can be prompted with an image or a clip.
 
 The recipe (docs/quality.md, "The recipe, and why each part is there"): flow matching that predicts the
 clean clip (x0, velocity loss), logit-normal times shifted toward noise (s = 3); 3-D rotary positions
